@@ -1,0 +1,92 @@
+"""Hashing, canonical JSON and all-or-nothing writes of files and directories."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def canonical_json(obj: Any) -> bytes:
+    """Deterministic JSON bytes (sorted keys, fixed separators, trailing newline)."""
+    return (json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def read_json(path: str | os.PathLike, what: str) -> dict:
+    """Parse a JSON object from ``path``; malformed or non-object content is a FormatError."""
+    from offsite.errors import FormatError
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise FormatError(f"{what}: {path} does not exist") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FormatError(f"{what}: {path} is not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise FormatError(f"{what}: {path} must hold a JSON object")
+    return data
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes, mode: int | None = None) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        if mode is not None:
+            os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def staged_directory(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a scratch directory beside ``out`` that becomes ``out`` only if the block succeeds.
+
+    A failure (bad input, Ctrl-C) leaves nothing half-written at ``out``.
+    """
+    from offsite.errors import OffsiteError
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        else:
+            raise OffsiteError(f"{out} already exists; choose another --out or remove it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield stage
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise

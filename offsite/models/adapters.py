@@ -1,0 +1,152 @@
+"""Adapters: which parameters the data owner trains, and how they are named.
+
+Adapter tensors are named by **full-model** layer index, whatever model they sit in:
+``layers.22.mlp.up_proj.weight`` (whole blocks), ``layers.22.mlp.up_proj.lora_A.weight``
+(LoRA), and for encoders' new classification head and pooler ``head.<parameter name>``.
+The same adapter therefore fits the emulator (where layer 22 may sit at position 5) and
+the full model, and plug-in is by explicit index, never by position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from offsite.models.lora import LoRALinear, inject_lora
+from offsite.models.registry import Task, architecture_for, base_prefix, blocks_path, get_blocks
+
+BLOCKS = "blocks"
+LORA = "lora"
+HEAD_PREFIX = "head."
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    kind: str  # BLOCKS or LORA
+    layers: tuple[int, ...]  # full-model indices, bottom then top
+    lora_rank: int | None = None
+    lora_alpha: float | None = None
+    trains_head: bool = False  # encoders fine-tuned for classification train head + pooler
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["layers"] = list(self.layers)
+        return d
+
+    @classmethod
+    def from_json(cls, d: Mapping) -> AdapterSpec:
+        return cls(
+            kind=str(d["kind"]),
+            layers=tuple(int(i) for i in d["layers"]),
+            lora_rank=d.get("lora_rank"),
+            lora_alpha=d.get("lora_alpha"),
+            trains_head=bool(d.get("trains_head", False)),
+        )
+
+
+def adapter_layers(total: int, bottom: int, top: int) -> tuple[int, ...]:
+    return tuple(range(bottom)) + tuple(range(total - top, total))
+
+
+def head_parameter_names(model: nn.Module) -> list[str]:
+    """Encoders' trainable head: everything outside the base model, plus the pooler."""
+    arch = architecture_for(model.config.model_type)
+    prefix = base_prefix(model)
+    names = [n for n, _ in model.named_parameters() if not n.startswith(prefix)]
+    if arch.pooler:
+        names += [n for n, _ in model.named_parameters() if n.startswith(f"{prefix}{arch.pooler}.")]
+    return names
+
+
+class AdapterView:
+    """Binds an adapter spec to one concrete model (full model or emulator).
+
+    ``positions`` maps full-model layer index -> block position in this model
+    (identity for the full model; the manifest's map for an emulator).
+    """
+
+    def __init__(self, model: nn.Module, spec: AdapterSpec, positions: Mapping[int, int]):
+        self.model = model
+        self.spec = spec
+        self.positions = dict(positions)
+        missing = [i for i in spec.layers if i not in self.positions]
+        if missing:
+            raise ValueError(f"adapter layers {missing} are not in this model")
+        self._blocks = get_blocks(model)
+        self._blocks_path = blocks_path(model)
+
+    # -- set-up ---------------------------------------------------------------
+    def attach(self) -> None:
+        """Freeze everything, then make (only) the adapter trainable; LoRA is injected here."""
+        self.model.requires_grad_(False)
+        for layer in self.spec.layers:
+            block = self._blocks[self.positions[layer]]
+            if self.spec.kind == LORA:
+                if not any(isinstance(m, LoRALinear) for m in block.modules()):
+                    inject_lora(block, self.spec.lora_rank, self.spec.lora_alpha)
+                for m in block.modules():
+                    if isinstance(m, LoRALinear):
+                        m.lora_A.weight.requires_grad_(True)
+                        m.lora_B.weight.requires_grad_(True)
+            else:
+                block.requires_grad_(True)
+        if self.spec.trains_head:
+            params = dict(self.model.named_parameters())
+            for name in head_parameter_names(self.model):
+                params[name].requires_grad_(True)
+
+    # -- naming ---------------------------------------------------------------
+    def named_parameters(self) -> dict[str, nn.Parameter]:
+        """Adapter name -> live parameter of this model."""
+        out: dict[str, nn.Parameter] = {}
+        for layer in self.spec.layers:
+            block = self._blocks[self.positions[layer]]
+            for name, p in block.named_parameters():
+                if self.spec.kind == LORA and ".lora_" not in name:
+                    continue
+                out[f"layers.{layer}.{name}"] = p
+        if self.spec.trains_head:
+            params = dict(self.model.named_parameters())
+            for name in head_parameter_names(self.model):
+                out[HEAD_PREFIX + name] = params[name]
+        return out
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().contiguous().clone() for k, v in self.named_parameters().items()}
+
+    def load_state_dict(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Copy ``tensors`` in by name; the set of names must match exactly."""
+        live = self.named_parameters()
+        if set(live) != set(tensors):
+            extra = sorted(set(tensors) - set(live))[:5]
+            missing = sorted(set(live) - set(tensors))[:5]
+            raise ValueError(f"adapter tensors do not match the model: unexpected {extra}, missing {missing}")
+        with torch.no_grad():
+            for name, p in live.items():
+                p.copy_(tensors[name].to(p.dtype))
+
+
+def expected_tensor_table(view: AdapterView) -> dict[str, dict]:
+    """name -> {shape, dtype}: what a valid adapter for this bundle must contain."""
+    return {
+        name: {"shape": list(p.shape), "dtype": str(p.dtype).removeprefix("torch.")}
+        for name, p in sorted(view.named_parameters().items())
+    }
+
+
+def task_of(model: nn.Module) -> Task:
+    arch = architecture_for(model.config.model_type)
+    if not arch.is_encoder:
+        return Task.CAUSAL_LM
+    return Task.SEQ_CLS if hasattr(model, "classifier") else Task.MASKED_LM
+
+
+def identity_positions(total: int) -> dict[int, int]:
+    return {i: i for i in range(total)}
+
+
+def positions_from_layer_map(layer_map: Sequence[int]) -> dict[int, int]:
+    return {orig: pos for pos, orig in enumerate(layer_map)}
