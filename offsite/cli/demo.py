@@ -1,0 +1,21 @@
+"""`offsite demo`: the whole flow on a small model the project builds itself."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="run prepare -> private tuning -> plug-in -> five-setting table",
+                       description="Build (or reuse from the cache) a small demo model owner and a private "
+                       "downstream task, then run the whole offsite-tuning flow and print the five settings.")
+    p.add_argument("--quick", action="store_true", help="a smaller, faster run (what CI runs)")
+    p.add_argument("--seed", type=int, default=0, help="fine-tuning seed")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from offsite.demo.run import run_demo
+
+    return run_demo(quick=args.quick, seed=args.seed, as_json=args.json)

@@ -1,0 +1,48 @@
+"""The ``offsite`` command: one entry point, subcommands by role.
+
+Each role lives in its own module exposing ``register(subparsers)``; a subcommand sets
+``func`` (taking the parsed ``args``) with ``parser.set_defaults(func=...)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from offsite.cli import audit, client, demo, evaluate, owner
+from offsite.cli.ui import console, fail
+from offsite.errors import OffsiteError
+
+ROLES = (owner, client, evaluate, audit, demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="offsite",
+        description=(
+            "Privacy-preserving offsite-tuning. The model owner ships an emulator and adapters "
+            "(`offsite owner`), data owners fine-tune the adapters privately (`offsite client`), "
+            "the owner plugs them back in (`offsite owner plug`), `offsite eval` compares the five "
+            "settings and `offsite audit` checks privacy receipts. `offsite demo` runs it all."
+        ),
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for role in ROLES:
+        role.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except OffsiteError as e:
+        fail(str(e))
+        return 2
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/red]")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""The bundle format: what a model owner ships to data owners.
+
+A bundle is a directory::
+
+    manifest.json                   format version, source fingerprint, architecture, config,
+                                    layer map, adapter spec and tensor table, sha256 of every file
+    emulator/                       a Hugging Face checkpoint of the same class, fewer blocks
+    initial_adapter.safetensors     the adapter the data owner starts from
+    tokenizer/                      the source model's tokenizer
+
+The bundle id is the sha256 of ``manifest.json``'s bytes, so it pins every file. Opening
+a bundle checks every hash before anything is loaded. A later issue adds a detached
+signature beside the manifest.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import platformdirs
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from offsite.errors import FormatError, IntegrityError
+from offsite.fileio import canonical_json, read_json, sha256_bytes, sha256_file, write_bytes_atomic
+from offsite.formats.adapter import check_tensor_table, tensor_table
+from offsite.models.adapters import AdapterSpec, AdapterView, positions_from_layer_map
+from offsite.models.registry import Task
+
+FORMAT = "offsite-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+EMULATOR_DIR = "emulator"
+TOKENIZER_DIR = "tokenizer"
+INITIAL_ADAPTER = "initial_adapter.safetensors"
+
+
+def _file_table(root: Path) -> dict[str, str]:
+    return {
+        p.relative_to(root).as_posix(): sha256_file(p)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+
+
+def write_bundle(
+    stage: Path,
+    *,
+    emulator: nn.Module,
+    tokenizer,
+    view: AdapterView,
+    layer_map: list[int],
+    source: dict,
+    distillation: dict | None,
+) -> str:
+    """Write a complete bundle into ``stage`` (a staging directory); return the bundle id."""
+    import transformers
+
+    import offsite
+
+    emulator.save_pretrained(stage / EMULATOR_DIR, safe_serialization=True)
+    tokenizer.save_pretrained(stage / TOKENIZER_DIR)
+    initial = view.state_dict()
+    save_file(initial, str(stage / INITIAL_ADAPTER))
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "source": source,
+        "emulator": {"layer_map": list(layer_map), "num_layers": len(layer_map)},
+        "adapter": {"spec": view.spec.to_json(), "tensors": tensor_table(initial)},
+        "distillation": distillation,
+        "files": _file_table(stage),
+        "created_with": {
+            "offsite": offsite.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+    }
+    data = canonical_json(manifest)
+    write_bytes_atomic(stage / MANIFEST, data)
+    return sha256_bytes(data)
+
+
+@dataclass
+class Bundle:
+    path: Path
+    manifest: dict
+    id: str
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> Bundle:
+        """Parse the manifest and verify every file's sha256 before anything is loaded."""
+        path = Path(path)
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file():
+            raise FormatError(f"{path} is not a bundle (no {MANIFEST})")
+        data = manifest_path.read_bytes()
+        manifest = read_json(manifest_path, "bundle manifest")
+        _check_manifest(manifest, manifest_path)
+        on_disk = _file_table(path)
+        declared = manifest["files"]
+        for rel, digest in declared.items():
+            if rel not in on_disk:
+                raise IntegrityError(f"bundle file {rel} is missing")
+            if on_disk[rel] != digest:
+                raise IntegrityError(f"bundle file {rel} does not match its sha256 in the manifest")
+        extra = sorted(set(on_disk) - set(declared))
+        if extra:
+            raise IntegrityError(f"bundle holds files the manifest does not list: {extra[:5]}")
+        return cls(path=path, manifest=manifest, id=sha256_bytes(data))
+
+    # -- what the manifest says ------------------------------------------------
+    @property
+    def spec(self) -> AdapterSpec:
+        return AdapterSpec.from_json(self.manifest["adapter"]["spec"])
+
+    @property
+    def layer_map(self) -> list[int]:
+        return list(self.manifest["emulator"]["layer_map"])
+
+    @property
+    def source_fingerprint(self) -> str:
+        return self.manifest["source"]["fingerprint"]
+
+    @property
+    def task(self) -> Task:
+        return Task(self.manifest["source"]["task"])
+
+    @property
+    def expected_tensors(self) -> dict[str, dict]:
+        return self.manifest["adapter"]["tensors"]
+
+    # -- loading ---------------------------------------------------------------
+    def load_emulator(self, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, AdapterView]:
+        """The emulator with the initial adapter attached (LoRA injected, only adapter trainable)."""
+        from offsite.models.loading import load_model
+
+        model = load_model(self.path / EMULATOR_DIR, task=self.task, dtype=dtype)
+        view = AdapterView(model, self.spec, positions_from_layer_map(self.layer_map))
+        view.attach()
+        initial = load_file(str(self.path / INITIAL_ADAPTER))
+        check_tensor_table(tensor_table(initial), self.expected_tensors, str(self.path / INITIAL_ADAPTER))
+        view.load_state_dict(initial)
+        return model, view
+
+    def load_tokenizer(self):
+        from offsite.models.loading import load_tokenizer
+
+        return load_tokenizer(self.path / TOKENIZER_DIR)
+
+
+def _check_manifest(m: dict, where: Path) -> None:
+    if m.get("format") != FORMAT:
+        raise FormatError(f"{where}: not an offsite bundle manifest")
+    if m.get("format_version") != FORMAT_VERSION:
+        raise FormatError(f"{where}: unsupported bundle format version {m.get('format_version')!r}")
+    for key in ("source", "emulator", "adapter", "files"):
+        if not isinstance(m.get(key), dict):
+            raise FormatError(f"{where}: missing or malformed '{key}'")
+    for rel in m["files"]:
+        if rel.startswith("/") or ".." in Path(rel).parts:
+            raise FormatError(f"{where}: file path {rel!r} escapes the bundle")
+
+
+# -- the owner's record of the bundles it issued ---------------------------------
+def owner_dir() -> Path:
+    """The model owner's local state (``OFFSITE_OWNER_DIR`` overrides it)."""
+    env = os.environ.get("OFFSITE_OWNER_DIR")
+    return Path(env) if env else Path(platformdirs.user_data_dir("offsite")) / "owner"
+
+
+def record_issued(bundle_path: Path, bundle_id: str) -> Path:
+    """Keep a copy of an issued bundle's manifest so adapters can be checked against it later."""
+    dest = owner_dir() / "bundles" / f"{bundle_id}.json"
+    write_bytes_atomic(dest, (bundle_path / MANIFEST).read_bytes())
+    return dest
+
+
+def issued_manifest(bundle_id: str, bundle_path: str | os.PathLike | None = None) -> dict:
+    """The manifest of bundle ``bundle_id``: from ``bundle_path`` if given, else the owner's record.
+
+    The manifest's own hash must equal the id, so a record cannot be swapped.
+    """
+    import re
+
+    if not re.fullmatch(r"[0-9a-f]{64}", bundle_id or ""):
+        raise FormatError(f"malformed bundle id {bundle_id!r}")
+    if bundle_path is not None:
+        source = Path(bundle_path) / MANIFEST
+    else:
+        source = owner_dir() / "bundles" / f"{bundle_id}.json"
+        if not source.is_file():
+            raise FormatError(
+                f"bundle {bundle_id[:12]}… was not issued from this machine (no record in {source.parent}); "
+                "pass --bundle DIR"
+            )
+    data = source.read_bytes()
+    if sha256_bytes(data) != bundle_id:
+        raise IntegrityError(f"{source} is not the manifest of bundle {bundle_id[:12]}…")
+    manifest = read_json(source, "bundle manifest")
+    _check_manifest(manifest, source)
+    return manifest

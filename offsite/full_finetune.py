@@ -1,0 +1,37 @@
+"""Full fine-tuning of the whole model: the 'full fine-tuned' reference row (research and demo only).
+
+Not part of the offsite flow: it needs the full model and the private data in one place.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from offsite.data import read_records
+from offsite.fileio import staged_directory
+from offsite.models.loading import load_config, load_model, load_tokenizer, task_from_config
+from offsite.models.registry import Task
+from offsite.training.finetune import TrainConfig, train
+from offsite.tune import data_kind, tokenize_records
+
+
+def finetune_full(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike,
+                  cfg: TrainConfig, num_labels: int | None = None, max_length: int | None = None,
+                  on_step: Callable[[int, float], None] | None = None) -> None:
+    model_dir = Path(model_dir)
+    task = task_from_config(load_config(model_dir), num_labels)
+    torch.manual_seed(cfg.seed)
+    model = load_model(model_dir, task=task, dtype=torch.float32, num_labels=num_labels)
+    tokenizer = load_tokenizer(model_dir)
+    records = read_records(data, data_kind(task))
+    examples = tokenize_records(records, tokenizer, model.config, task, num_labels, max_length)
+    model.requires_grad_(True)
+    train(model, model.parameters(), examples, cfg, pad_id=tokenizer.pad_token_id,
+          shift=task is Task.CAUSAL_LM, on_step=on_step)
+    with staged_directory(out) as stage:
+        model.save_pretrained(stage, safe_serialization=True)
+        tokenizer.save_pretrained(stage)

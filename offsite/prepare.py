@@ -1,0 +1,160 @@
+"""The model owner's first step: model -> bundle (emulator + initial adapter + tokenizer)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from offsite.data import LM, MLM, Example, lm_example, max_positions, mlm_example, read_records
+from offsite.errors import OffsiteError
+from offsite.fileio import staged_directory
+from offsite.formats.bundle import record_issued, write_bundle
+from offsite.models.adapters import (
+    BLOCKS,
+    LORA,
+    AdapterSpec,
+    AdapterView,
+    adapter_layers,
+    positions_from_layer_map,
+)
+from offsite.models.emulator import build_emulator, emulator_layer_map
+from offsite.models.loading import (
+    dtype_name,
+    load_config,
+    load_model,
+    load_tokenizer,
+    model_fingerprint,
+    task_from_config,
+)
+from offsite.models.registry import Task, architecture_for, num_layers
+from offsite.training.distill import DistillConfig, Distiller
+from offsite.training.finetune import mean_loss
+
+
+@dataclass
+class PrepareOptions:
+    adapter_bottom: int = 2
+    adapter_top: int = 2
+    emulator_layers: int | None = None
+    lora_rank: int | None = None
+    lora_alpha: float | None = None
+    num_labels: int | None = None
+    seed: int = 0
+    distill_data: Path | None = None
+    distill: DistillConfig | None = None
+    distill_checkpoint: Path | None = None
+
+
+@dataclass
+class PrepareResult:
+    bundle_id: str
+    layer_map: list[int]
+    distillation: dict | None
+
+
+def _distill_examples(path: Path, tokenizer, config, task: Task) -> tuple[list[Example], list[Example]]:
+    records = read_records(path, MLM if task is Task.MASKED_LM else LM)
+    max_len = min(max_positions(config), 512)
+    if task is Task.CAUSAL_LM:
+        examples = [lm_example(tokenizer, r, max_len) for r in records]
+    else:
+        gen = torch.Generator().manual_seed(0)
+        examples = [mlm_example(tokenizer, r, max_len, gen) for r in records]
+    # A fixed tail of the public text measures perplexity before and after distillation.
+    held = max(1, len(examples) // 10) if len(examples) >= 10 else 0
+    return examples[: len(examples) - held] or examples, examples[len(examples) - held :]
+
+
+def prepare(model_dir: str | os.PathLike, out: str | os.PathLike, opts: PrepareOptions,
+            on_distill_step: Callable[[int, float], None] | None = None) -> PrepareResult:
+    model_dir = Path(model_dir)
+    config = load_config(model_dir)
+    arch = architecture_for(config.model_type)
+    task = task_from_config(config, opts.num_labels)
+    if task is Task.SEQ_CLS and opts.num_labels is None:
+        raise OffsiteError("this checkpoint is a classifier: pass --num-labels")
+    if opts.num_labels is not None and not arch.is_encoder:
+        raise OffsiteError("--num-labels is for encoders (BERT family) only")
+    total = num_layers(config)
+    layer_map = emulator_layer_map(total, opts.adapter_bottom, opts.adapter_top, opts.emulator_layers)
+    if opts.lora_rank is not None and opts.lora_rank < 1:
+        raise OffsiteError("--lora-rank must be at least 1")
+    spec = AdapterSpec(
+        kind=LORA if opts.lora_rank else BLOCKS,
+        layers=adapter_layers(total, opts.adapter_bottom, opts.adapter_top),
+        lora_rank=opts.lora_rank,
+        lora_alpha=(opts.lora_alpha or 2 * opts.lora_rank) if opts.lora_rank else None,
+        trains_head=task is Task.SEQ_CLS,
+    )
+    torch.manual_seed(opts.seed)  # a new classification head and LoRA matrices are drawn here
+    # Files keep the checkpoint's dtype; distillation runs in fp32.
+    distilling = opts.distill_data is not None
+    model = load_model(model_dir, task=task, dtype=torch.float32 if distilling else "auto",
+                       num_labels=opts.num_labels)
+    stored_dtype = load_model_dtype(model_dir, config)
+    tokenizer = load_tokenizer(model_dir)
+    emulator = build_emulator(model, layer_map)
+
+    distillation = None
+    if distilling:
+        cfg = opts.distill or DistillConfig()
+        train_ex, held_ex = _distill_examples(opts.distill_data, tokenizer, config, task)
+        shift = task is Task.CAUSAL_LM
+        distiller = Distiller(model, emulator, layer_map, opts.adapter_bottom, opts.adapter_top, cfg,
+                              pad_id=tokenizer.pad_token_id, shift=shift, use_lm=task is Task.CAUSAL_LM)
+        eval_set = held_ex or train_ex[:64]
+        before = {"kd": distiller.mean_kd(eval_set), "emulator_loss": mean_loss(emulator, eval_set,
+                                                                                tokenizer.pad_token_id, shift)}
+        final_kd = distiller.train(train_ex, on_step=on_distill_step, checkpoint=opts.distill_checkpoint)
+        after_loss = mean_loss(emulator, eval_set, tokenizer.pad_token_id, shift)
+        import math
+
+        distillation = {
+            "steps": cfg.steps, "lr": cfg.lr, "batch_size": cfg.batch_size, "lm_weight": cfg.lm_weight,
+            "kd_weight": cfg.kd_weight, "final_kd_loss": final_kd,
+            "held_out_records": len(eval_set),
+            "held_out_kd": {"before": before["kd"], "after": distiller.mean_kd(eval_set)},
+            "held_out_perplexity": {
+                "full": math.exp(mean_loss(model, eval_set, tokenizer.pad_token_id, shift)),
+                "emulator_before": math.exp(before["emulator_loss"]),
+                "emulator_after": math.exp(after_loss),
+            },
+        }
+        emulator.to(stored_dtype)
+
+    view = AdapterView(emulator, spec, positions_from_layer_map(layer_map))
+    view.attach()
+    emulator.requires_grad_(False)
+    source = {
+        "fingerprint": model_fingerprint(model_dir),
+        "family": arch.family,
+        "model_type": config.model_type,
+        "model_class": type(model).__name__,
+        "task": task.value,
+        "num_labels": opts.num_labels,
+        "total_layers": total,
+        "dtype": dtype_name(stored_dtype),
+        "config": config.to_dict(),
+    }
+    with staged_directory(out) as stage:
+        bundle_id = write_bundle(stage, emulator=emulator, tokenizer=tokenizer, view=view, layer_map=layer_map,
+                                 source=source, distillation=distillation)
+    record_issued(Path(out), bundle_id)
+    return PrepareResult(bundle_id, layer_map, distillation)
+
+
+def load_model_dtype(model_dir: Path, config) -> torch.dtype:
+    """The dtype the checkpoint stores (what ``dtype="auto"`` loads)."""
+    from safetensors import safe_open
+
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():  # noqa: SIM118
+                t = st.get_slice(name)
+                return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(
+                    t.get_dtype(), torch.float32)
+    return torch.float32

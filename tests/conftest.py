@@ -1,0 +1,23 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import transformers  # noqa: E402
+
+transformers.utils.logging.disable_progress_bar()
+torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_state(tmp_path_factory, monkeypatch):
+    """Owner and client state directories never touch the real user's home."""
+    root = tmp_path_factory.mktemp("state")
+    monkeypatch.setenv("OFFSITE_OWNER_DIR", str(root / "owner"))
+    monkeypatch.setenv("OFFSITE_CLIENT_DIR", str(root / "client"))
