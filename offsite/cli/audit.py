@@ -1,0 +1,120 @@
+"""`offsite audit`: check what others claim, from the files alone.
+
+``offsite audit receipt RECEIPT --adapter DIR [--pubkey KEY] [--json]`` verifies a privacy receipt:
+its signature, who signed it, that it covers this adapter, and both ε values recomputed with two
+accountants from the mechanism histories it carries. Exit status 1 if any check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rich.markup import escape
+from rich.table import Table
+
+from offsite.cli.ui import console, print_json, warn
+
+_STYLE = {
+    "ok": "[green]ok[/green]",
+    "fail": "[bold red]FAIL[/bold red]",
+    "unverified": "[yellow]unverified[/yellow]",
+}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    audit = subparsers.add_parser(
+        "audit",
+        help="verify privacy receipts",
+        description="Independent checks of what a data owner claims about its private training.",
+    )
+    cmds = audit.add_subparsers(dest="audit_command", metavar="COMMAND", required=True)
+    p = cmds.add_parser(
+        "receipt",
+        help="verify a privacy receipt against its adapter",
+        description="Check RECEIPT (receipt.json, with receipt.sig beside it): the Ed25519 signature, the "
+        "signer's identity (with --pubkey), the sha256 of DIR/adapter.safetensors, and ε of this run and "
+        "cumulative ε, recomputed from the recorded mechanism histories with the PRV and RDP accountants. "
+        "Exits 1 if any check fails.",
+    )
+    p.add_argument("receipt", type=Path, metavar="RECEIPT", help="path to receipt.json")
+    p.add_argument("--adapter", type=Path, required=True, metavar="DIR", help="adapter directory it covers")
+    p.add_argument(
+        "--pubkey",
+        type=Path,
+        default=None,
+        metavar="KEY",
+        help="the data owner's public key (PEM); without it the signer's identity is unverified",
+    )
+    p.add_argument("--json", action="store_true", help="print a machine-readable report")
+    p.set_defaults(func=cmd_audit_receipt)
+
+
+def cmd_audit_receipt(args: argparse.Namespace) -> int:
+    from offsite import crypto
+    from offsite.errors import FormatError
+    from offsite.privacy.receipt import verify_receipt
+
+    public_key = crypto.load_public_key(args.pubkey) if args.pubkey is not None else None
+    try:
+        report = verify_receipt(args.adapter, public_key=public_key, receipt_path=args.receipt)
+    except FormatError as e:
+        if args.json:
+            # Keep stdout machine-readable even when the receipt cannot be parsed at all.
+            print_json(
+                {
+                    "ok": False,
+                    "receipt": str(args.receipt),
+                    "adapter": str(args.adapter),
+                    "error": str(e),
+                    "checks": [],
+                }
+            )
+            return 1
+        raise
+    if args.json:
+        print_json(report.to_dict())
+        return 0 if report.ok else 1
+
+    rows = [
+        (
+            escape(c.name),
+            _STYLE.get(c.status, c.status),
+            escape(c.stated),
+            escape(c.recomputed),
+            escape(c.detail),
+        )
+        for c in report.checks
+    ]
+    t = Table(title=f"privacy receipt {escape(str(args.receipt))}", title_justify="left")
+    t.add_column("check")
+    t.add_column("status")
+    t.add_column("stated", justify="right")
+    t.add_column("recomputed", justify="right")
+    t.add_column("detail", overflow="fold")
+    for row in rows:
+        t.add_row(*row)
+    console.print(t)
+    receipt = report.receipt or {}
+    signer = receipt.get("signer", {}).get("public_key_fingerprint")
+    console.print(
+        f"ε at δ={receipt.get('delta')} for {receipt.get('mechanism')}, neighbours: "
+        f"{receipt.get('neighbouring_relation')}; signer sha256:{signer}"
+    )
+    if receipt.get("noise_seed") is not None:
+        warn(
+            f"the receipt records a fixed noise seed ({receipt['noise_seed']}): test run, its noise is not private"
+        )
+    if public_key is None:
+        warn(
+            "signer's identity is unverified: no --pubkey given, so the signature was checked against the key "
+            "embedded in the receipt; pass the data owner's public key to know who signed it"
+        )
+    if report.ok:
+        console.print(
+            "[green]receipt verified[/green]" + ("" if public_key is not None else " (signer unverified)")
+        )
+        return 0
+    failed = ", ".join(c.name for c in report.checks if c.status == "fail")
+    console.print(f"[bold red]receipt verification failed[/bold red]: {escape(failed)}")
+    return 1
