@@ -35,40 +35,67 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def add_dp_arguments(p: argparse.ArgumentParser) -> None:
-    """DP flags; the DP issue makes DP the default."""
-    p.add_argument("--no-dp", action="store_true", help="train WITHOUT differential privacy")
+    g = p.add_argument_group(
+        "differential privacy (on by default)",
+        "DP-SGD: Poisson sampling, per-sample clipping and Gaussian noise. One record is the unit "
+        "protected. --epsilon is the TOTAL budget of --dataset-id at δ: earlier runs on the same dataset "
+        "(recorded on this machine) are composed with this one, and σ is the smallest noise that stays "
+        "within it. Sampling and noise use the operating system's randomness, never --seed.")
+    g.add_argument("--dataset-id", help="name of the private dataset whose budget this run spends")
+    g.add_argument("--epsilon", type=float, default=None, help="total ε budget for --dataset-id")
+    g.add_argument("--delta", type=float, default=None,
+                   help="δ (default: a power of ten at most 1/(10·N) for N records; δ ≥ 1/N is refused)")
+    g.add_argument("--noise-multiplier", type=float, default=None,
+                   help="use this σ instead of calibrating it to --epsilon")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="per-sample clipping norm C (default 1.0)")
+    g.add_argument("--physical-batch-size", type=int, default=32,
+                   help="records per forward/backward; bounds memory (default 32)")
+    g.add_argument("--keys-dir", type=Path, default=None,
+                   help="signing key and salt (default: the client credentials directory)")
+    g.add_argument("--no-dp", action="store_true", help="train WITHOUT differential privacy (not recommended)")
+    g.add_argument("--insecure-noise-seed", type=int, default=None, help=argparse.SUPPRESS)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from offsite.cli.progress import step_bar
-    from offsite.data import read_records
-    from offsite.fileio import staged_directory
-    from offsite.formats.adapter import write_adapter
-    from offsite.training.finetune import TrainConfig, mean_loss, train
-    from offsite.tune import adapter_tensors_for_export, load_for_tuning
+    from offsite.tune import TuneOptions, tune
 
-    inputs = load_for_tuning(args.bundle, args.data, eval_data=args.eval_data, eval_fraction=args.eval_fraction,
-                             seed=args.seed, max_length=args.max_length, reader=read_records)
-    cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
-    shift = inputs.bundle.task.value == "causal-lm"
-    pad = inputs.tokenizer.pad_token_id
-    steps = args.epochs * -(-len(inputs.train) // args.batch_size)
-    eval_rows = []
+    if args.no_dp:
+        err_console.print("[bold red on yellow] DIFFERENTIAL PRIVACY IS OFF [/bold red on yellow] "
+                          "[bold]the adapter can memorise and leak individual training records; "
+                          "no privacy receipt is written.[/bold]")
+    if args.insecure_noise_seed is not None:
+        err_console.print("[bold red]noise is seeded (test only): this run is NOT private; the receipt says so[/bold red]")
+    opts = TuneOptions(
+        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed, eval_data=args.eval_data,
+        eval_fraction=args.eval_fraction, max_length=args.max_length, dp=not args.no_dp,
+        dataset_id=args.dataset_id, epsilon=args.epsilon, delta=args.delta,
+        noise_multiplier=args.noise_multiplier, max_grad_norm=args.max_grad_norm,
+        physical_batch_size=args.physical_batch_size, noise_seed=args.insecure_noise_seed, keys_dir=args.keys_dir)
+    if opts.dp and opts.epsilon is None and opts.noise_multiplier is None:
+        from offsite.errors import OffsiteError
 
-    def on_epoch(epoch: int) -> None:
-        if inputs.eval:
-            loss = mean_loss(inputs.model, inputs.eval, pad, shift)
-            eval_rows.append((epoch + 1, f"{loss:.4f}"))
-            err_console.print(f"epoch {epoch + 1}: eval loss {loss:.4f}")
+        raise OffsiteError("give --epsilon (the dataset's total budget) or --noise-multiplier, or --no-dp")
+    def on_plan(plan) -> None:
+        err_console.print(f"DP plan: σ={plan.noise_multiplier:.4f}, q={plan.sample_rate:.4g}, "
+                          f"steps={plan.steps}, C={plan.max_grad_norm:g}, δ={plan.delta:g}")
 
-    with step_bar("training adapter (no DP)", steps) as on_step:
-        train(inputs.model, inputs.view.named_parameters().values(), inputs.train, cfg, pad_id=pad, shift=shift,
-              on_step=on_step, on_epoch=on_epoch)
-    with staged_directory(args.out) as stage:
-        write_adapter(stage, adapter_tensors_for_export(inputs.view, inputs.bundle), spec=inputs.bundle.spec,
-                      bundle_id=inputs.bundle.id, source_fingerprint=inputs.bundle.source_fingerprint,
-                      hyperparameters={**cfg.to_json(), "dp": False})
-    if eval_rows:
-        console.print(table("eval loss (this machine only)", ["epoch", "loss"], eval_rows))
+    def on_eval(epoch: int, loss: float) -> None:
+        err_console.print(f"epoch {epoch}: eval loss {loss:.4f}")
+
+    with step_bar("training adapter" + ("" if opts.dp else " (NO DP)")) as bar:
+        result = tune(args.bundle, args.data, args.out, opts, on_step=bar, on_eval=on_eval, on_plan=on_plan,
+                      on_total=bar.set_total)
+    if result.eval_losses:
+        console.print(table("eval loss (shown on this machine only)", ["epoch", "loss"],
+                            [(e, f"{loss:.4f}") for e, loss in result.eval_losses]))
+    if result.receipt:
+        eps = result.receipt["epsilon"]
+        console.print(table(f"privacy spent (δ={result.receipt['delta']:g})", ["", "ε (PRV upper)", "ε (RDP)"], [
+            ("this run", f"{eps['this_run']['prv_upper']:.3f}", f"{eps['this_run']['rdp']:.3f}"),
+            (f"dataset {args.dataset_id} in total", f"{eps['cumulative']['prv_upper']:.3f}",
+             f"{eps['cumulative']['rdp']:.3f}"),
+        ]))
+        console.print(f"signed receipt: {args.out / 'receipt.json'}")
     console.print(f"[green]adapter written[/green] to {args.out}")
     return 0

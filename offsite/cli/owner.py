@@ -125,7 +125,7 @@ def cmd_finetune_full(args: argparse.Namespace) -> int:
     from offsite.full_finetune import finetune_full
 
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
-    with step_bar("full fine-tuning", None) as on_step:
+    with step_bar("full fine-tuning") as on_step:
         finetune_full(args.model, args.data, args.out, cfg, num_labels=args.num_labels, on_step=on_step)
     console.print(f"[green]fully fine-tuned model written[/green] to {args.out}")
     return 0
