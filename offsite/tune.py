@@ -104,6 +104,7 @@ class TuneOptions:
     max_grad_norm: float = 1.0
     physical_batch_size: int = 32
     noise_seed: int | None = None  # test only: recorded in the receipt
+    checkpoint_every: int = 20
     keys_dir: Path | None = None
 
 
@@ -238,6 +239,7 @@ def _train_private(inputs: TuneInputs, opts: TuneOptions, keys, hyper: dict, res
              physical_batch_size=opts.physical_batch_size,
              record_steps=lambda n: history.record(opts.dataset_id, run_id, plan.entry(n)),
              state=state, identity=state_identity, noise_seed=opts.noise_seed, on_step=on_step,
+             checkpoint_every=opts.checkpoint_every,
              on_epoch=on_epoch)
     result.fingerprint = fingerprint
     return plan

@@ -14,7 +14,7 @@ from transformers import (
 
 from offsite.models.tokenizer import word_level_tokenizer
 
-WORDS = "the a cat dog sat on mat is red blue green big small and or not yes no one two three".split()
+WORDS = ["the", "a", "cat", "dog", "sat", "on", "mat", "is", "red", "blue", "green", "big", "small", "and", "or", "not", "yes", "no", "one", "two", "three"]
 DECODERS = ("gpt2", "opt", "llama", "mistral", "qwen2", "bloom")
 ENCODERS = ("bert", "roberta")
 FAMILIES = DECODERS + ENCODERS

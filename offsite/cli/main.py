@@ -7,7 +7,12 @@ Each role lives in its own module exposing ``register(subparsers)``; a subcomman
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+# Library chatter (load reports, per-file progress bars) would drown the command's own output.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from offsite.cli import audit, client, demo, evaluate, owner
 from offsite.cli.ui import console, fail
@@ -34,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
     try:
         return int(args.func(args) or 0)
     except OffsiteError as e:

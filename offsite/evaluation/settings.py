@@ -14,7 +14,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from offsite.data import CLS, LM, MC, MLM, Record, cls_example, lm_example, max_positions, mlm_example, read_records
+from offsite.data import (
+    CLS,
+    LM,
+    MC,
+    MLM,
+    Record,
+    cls_example,
+    lm_example,
+    max_positions,
+    mlm_example,
+    read_records,
+)
 from offsite.errors import OffsiteError
 from offsite.evaluation.metrics import classification_accuracy, multiple_choice_accuracy, token_perplexity
 from offsite.formats.adapter import read_adapter

@@ -293,6 +293,13 @@ def calibrate_noise(
     # at very large σ.
     max_key = prior_key + ((SIGMA_MAX, float(sample_rate), int(steps)),)
     if _rdp_integer_orders(max_key, delta) > target_epsilon and eps_at(SIGMA_MAX) > target_epsilon:
+        if prior_key:
+            spent = _prv_upper(prior_key, delta, eps_error)
+            raise BudgetError(
+                f"privacy budget already spent: earlier runs on this dataset used ε={spent:.4f} of "
+                f"ε={target_epsilon:g} at δ={delta:g}; what is left is too little for even σ={SIGMA_MAX:g} "
+                f"over {steps} steps at q={sample_rate:g}"
+            )
         raise out_of_range(f"target ε is too small: even σ={SIGMA_MAX:g} exceeds it")
 
     def gap(sigma: float) -> float:

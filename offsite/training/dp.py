@@ -104,6 +104,14 @@ def os_generator() -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
 
 
+def make_dp_optimizer(optimizer: torch.optim.Optimizer, plan: DPPlan,
+                      generator: torch.Generator) -> DPOptimizerFastGradientClipping:
+    """Opacus' noise step: p.grad (the clipped sum) + N(0, (σC)²), divided by the expected batch size."""
+    return DPOptimizerFastGradientClipping(
+        optimizer, noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,
+        expected_batch_size=plan.expected_batch_size, loss_reduction="mean", generator=generator)
+
+
 @dataclass
 class DPTrainState:
     """Resumable training state: tensors in safetensors, everything else in JSON."""
@@ -179,9 +187,7 @@ def train_dp(
     else:  # test only: recorded in the receipt
         noise_gen = torch.Generator().manual_seed(noise_seed)
         sample_gen = torch.Generator().manual_seed(noise_seed + 1)
-    dp_optimizer = DPOptimizerFastGradientClipping(
-        optimizer, noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,
-        expected_batch_size=plan.expected_batch_size, loss_reduction="mean", generator=noise_gen)
+    dp_optimizer = make_dp_optimizer(optimizer, plan, noise_gen)
     sampler = UniformWithReplacementSampler(num_samples=len(examples), sample_rate=plan.sample_rate,
                                             generator=sample_gen, steps=plan.steps - start)
     clipper = PerSampleClipper(model, plan.max_grad_norm)
