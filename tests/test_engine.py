@@ -10,7 +10,13 @@ from peft import PeftModel
 from safetensors import safe_open
 from tiny import ENCODERS, FAMILIES, load_full, make_tiny_checkpoint
 
-from offsite.errors import FormatError, IntegrityError, MismatchError, OffsiteError, UnsupportedArchitectureError
+from offsite.errors import (
+    FormatError,
+    IntegrityError,
+    MismatchError,
+    OffsiteError,
+    UnsupportedArchitectureError,
+)
 from offsite.fileio import staged_directory
 from offsite.formats.adapter import write_adapter
 from offsite.formats.bundle import Bundle

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from offsite.cli.ui import console, err_console, table
+from offsite.cli.ui import console, err_console, table, warn
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -79,6 +79,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     def on_plan(plan) -> None:
         err_console.print(f"DP plan: σ={plan.noise_multiplier:.4f}, q={plan.sample_rate:.4g}, "
                           f"steps={plan.steps}, C={plan.max_grad_norm:g}, δ={plan.delta:g}")
+        if plan.noise_multiplier > 10:
+            warn(f"the budget left for this dataset only allows σ={plan.noise_multiplier:.1f}: the noise will "
+                 "swamp the gradient and the adapter will learn almost nothing")
 
     def on_eval(epoch: int, loss: float) -> None:
         err_console.print(f"epoch {epoch}: eval loss {loss:.4f}")
