@@ -60,7 +60,12 @@ def _distill_examples(path: Path, tokenizer, config, task: Task) -> tuple[list[E
     records = read_records(path, MLM if task is Task.MASKED_LM else LM)
     max_len = min(max_positions(config), 512)
     if task is Task.CAUSAL_LM:
-        examples = [lm_example(tokenizer, r, max_len) for r in records]
+        import warnings
+
+        with warnings.catch_warnings():
+            # Public text is cut to the model's length: harmless for distillation, not worth a warning a line.
+            warnings.simplefilter("ignore", UserWarning)
+            examples = [lm_example(tokenizer, r, max_len) for r in records]
     else:
         gen = torch.Generator().manual_seed(0)
         examples = [mlm_example(tokenizer, r, max_len, gen) for r in records]

@@ -9,19 +9,77 @@ terminal, never into the adapter's files.
 from __future__ import annotations
 
 import os
+import shutil
+import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from dataclasses import field as dataclass_field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from offsite.data import CLS, LM, MLM, Example, Record, cls_example, lm_example, max_positions, mlm_example
+from offsite import crypto
+from offsite.client.paths import default_client_dir
+from offsite.data import (
+    CLS,
+    LM,
+    MLM,
+    Example,
+    Record,
+    cls_example,
+    lm_example,
+    max_positions,
+    mlm_example,
+    read_records,
+)
 from offsite.errors import DataError
+from offsite.fileio import staged_directory
+from offsite.formats.adapter import TENSORS_FILE, write_adapter
 from offsite.formats.bundle import Bundle
+from offsite.models.adapters import AdapterView
+from offsite.models.loading import parse_dtype
 from offsite.models.registry import Task
+from offsite.privacy import history
+from offsite.privacy.fingerprint import dataset_fingerprint
+from offsite.privacy.receipt import build_receipt, write_receipt
+from offsite.training.dp import DPPlan, DPTrainState, make_plan, train_dp
+from offsite.training.finetune import TrainConfig, mean_loss, train
 
 
+@dataclass
+class TuneOptions:
+    epochs: int = 3
+    lr: float = 1e-3
+    batch_size: int = 16
+    seed: int = 0  # data order, initialisation, dropout; never DP sampling or noise
+    eval_data: str | os.PathLike | None = None
+    eval_fraction: float = 0.1
+    max_length: int | None = None
+    dp: bool = True
+    dataset_id: str | None = None
+    epsilon: float | None = None
+    delta: float | None = None
+    noise_multiplier: float | None = None
+    max_grad_norm: float = 1.0
+    physical_batch_size: int = 32
+    noise_seed: int | None = None  # test only: recorded in the receipt
+    checkpoint_every: int = 20
+    keys_dir: Path | None = None  # default: the client credentials directory
+    budget_dir: Path | None = None  # budget histories; default: the client credentials directory
+
+
+@dataclass
+class TuneResult:
+    adapter_dir: Path
+    bundle_id: str
+    plan: DPPlan | None = None
+    receipt: dict | None = None
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)
+    resumed_from: int = 0
+    run_id: str | None = None
+
+
+# -- inputs ---------------------------------------------------------------------------
 def data_kind(task: Task) -> str:
     return {Task.CAUSAL_LM: LM, Task.SEQ_CLS: CLS, Task.MASKED_LM: MLM}[task]
 
@@ -51,73 +109,36 @@ def split_eval(examples: list[Example], fraction: float, seed: int) -> tuple[lis
 class TuneInputs:
     bundle: Bundle
     model: torch.nn.Module
-    view: object
+    view: AdapterView
     tokenizer: object
     train: list[Example]
     eval: list[Example]
-    records: list[Record]
+    records: list[Record]  # every record of the data file: what the dataset fingerprint covers
 
 
-def load_for_tuning(bundle_dir: str | os.PathLike, data: str | os.PathLike, *, eval_data: str | None,
-                    eval_fraction: float, seed: int, max_length: int | None,
-                    reader: Callable[[Path, str], list[Record]]) -> TuneInputs:
+def load_for_tuning(bundle_dir: str | os.PathLike, data: str | os.PathLike, opts: TuneOptions) -> TuneInputs:
     bundle = Bundle.open(bundle_dir)
     model, view = bundle.load_emulator(torch.float32)
     tokenizer = bundle.load_tokenizer()
     kind = data_kind(bundle.task)
     num_labels = bundle.manifest["source"].get("num_labels")
-    records = reader(Path(data), kind)
-    examples = tokenize_records(records, tokenizer, model.config, bundle.task, num_labels, max_length)
-    if eval_data:
-        train = examples
-        ev = tokenize_records(reader(Path(eval_data), kind), tokenizer, model.config, bundle.task, num_labels,
-                              max_length)
+    records = read_records(Path(data), kind)
+
+    def tokenize(recs: Sequence[Record]) -> list[Example]:
+        return tokenize_records(recs, tokenizer, model.config, bundle.task, num_labels, opts.max_length)
+
+    examples = tokenize(records)
+    if opts.eval_data:
+        train, ev = examples, tokenize(read_records(Path(opts.eval_data), kind))
     else:
-        train, ev = split_eval(examples, eval_fraction, seed)
-    if not train:
-        raise DataError(f"{data}: no training records left")
+        train, ev = split_eval(examples, opts.eval_fraction, opts.seed)
     return TuneInputs(bundle, model, view, tokenizer, train, ev, records)
 
 
-def adapter_tensors_for_export(view, bundle: Bundle) -> dict[str, torch.Tensor]:
+def adapter_tensors_for_export(view: AdapterView, bundle: Bundle) -> dict[str, torch.Tensor]:
     """The trained adapter in the bundle's stored dtype (training ran in fp32)."""
-    from offsite.models.loading import parse_dtype
-
     expected = bundle.expected_tensors
     return {name: t.to(parse_dtype(expected[name]["dtype"])) for name, t in view.state_dict().items()}
-
-
-@dataclass
-class TuneOptions:
-    epochs: int = 3
-    lr: float = 1e-3
-    batch_size: int = 16
-    seed: int = 0
-    eval_data: str | None = None
-    eval_fraction: float = 0.1
-    max_length: int | None = None
-    dp: bool = True
-    dataset_id: str | None = None
-    epsilon: float | None = None
-    delta: float | None = None
-    noise_multiplier: float | None = None
-    max_grad_norm: float = 1.0
-    physical_batch_size: int = 32
-    noise_seed: int | None = None  # test only: recorded in the receipt
-    checkpoint_every: int = 20
-    keys_dir: Path | None = None
-
-
-@dataclass
-class TuneResult:
-    adapter_dir: Path
-    bundle_id: str
-    plan: object | None = None  # DPPlan under DP
-    receipt: dict | None = None
-    eval_losses: list = dataclass_field(default_factory=list)
-    resumed_from: int = 0
-    run_id: str | None = None
-    fingerprint: str | None = None
 
 
 def state_dir_for(out: Path) -> Path:
@@ -125,95 +146,95 @@ def state_dir_for(out: Path) -> Path:
     return out.parent / f".{out.name}.train-state"
 
 
+# -- the run ----------------------------------------------------------------------------
 def tune(bundle_dir: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, opts: TuneOptions,
          on_step: Callable[[int, float], None] | None = None,
          on_eval: Callable[[int, float], None] | None = None,
-         on_plan: Callable[[object], None] | None = None,
+         on_plan: Callable[[DPPlan], None] | None = None,
          on_total: Callable[[int], None] | None = None) -> TuneResult:
-    """Fine-tune the adapter of ``bundle_dir`` on ``data``; write ``out`` (adapter [+ receipt])."""
-    from offsite.data import read_records
-    from offsite.fileio import staged_directory
-    from offsite.formats.adapter import TENSORS_FILE, write_adapter
-    from offsite.training.finetune import TrainConfig, mean_loss, train
+    """Fine-tune the adapter of ``bundle_dir`` on ``data``; write ``out`` (adapter, and under DP the receipt).
 
+    Every check that can fail (output exists, keys, dataset id, bundle integrity, data, budget)
+    runs before training; nothing is written at ``out`` unless the whole run succeeds.
+    """
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise DataError(f"{out} already exists; choose another --out or remove it")
-    keys = _load_keys(opts.keys_dir) if opts.dp else None
+    keys = None
     if opts.dp:
-        from offsite.privacy.history import validate_dataset_id
-
+        keys = DataOwnerKeys.load(opts.keys_dir)
         if not opts.dataset_id:
             raise DataError("--dataset-id is required under DP: the budget is tracked per dataset")
-        validate_dataset_id(opts.dataset_id)
-    inputs = load_for_tuning(bundle_dir, data, eval_data=opts.eval_data, eval_fraction=opts.eval_fraction,
-                             seed=opts.seed, max_length=opts.max_length, reader=read_records)
+        history.validate_dataset_id(opts.dataset_id)
+    inputs = load_for_tuning(bundle_dir, data, opts)
     torch.manual_seed(opts.seed)
-    bundle, model, view = inputs.bundle, inputs.model, inputs.view
-    shift = bundle.task is Task.CAUSAL_LM
+    shift = inputs.bundle.task is Task.CAUSAL_LM
     pad = inputs.tokenizer.pad_token_id
-    result = TuneResult(out, bundle.id)
+    result = TuneResult(out, inputs.bundle.id)
     hyper = {"epochs": opts.epochs, "lr": opts.lr, "batch_size": opts.batch_size, "seed": opts.seed,
              "max_length": opts.max_length, "dp": opts.dp}
 
     def on_epoch(epoch: int) -> None:
         if inputs.eval:
-            loss = mean_loss(model, inputs.eval, pad, shift)
+            loss = mean_loss(inputs.model, inputs.eval, pad, shift)
             result.eval_losses.append((epoch + 1, loss))
             if on_eval:
                 on_eval(epoch + 1, loss)
 
-    if not opts.dp:
+    if opts.dp:
+        fingerprint = dataset_fingerprint([r.raw for r in inputs.records], keys.salt)
+        plan = _train_private(inputs, opts, fingerprint, hyper, result, on_step, on_epoch, on_plan, on_total)
+        hyper.update({"max_grad_norm": plan.max_grad_norm, "noise_multiplier": plan.noise_multiplier,
+                      "sample_rate": plan.sample_rate, "steps": plan.steps, "delta": plan.delta})
+    else:
         if on_total:
             on_total(opts.epochs * -(-len(inputs.train) // opts.batch_size))
         cfg = TrainConfig(epochs=opts.epochs, lr=opts.lr, batch_size=opts.batch_size, seed=opts.seed)
-        train(model, view.named_parameters().values(), inputs.train, cfg, pad_id=pad, shift=shift,
+        train(inputs.model, inputs.view.named_parameters().values(), inputs.train, cfg, pad_id=pad, shift=shift,
               on_step=on_step, on_epoch=on_epoch)
-    else:
-        result.plan = _train_private(inputs, opts, keys, hyper, result, on_step, on_epoch, on_plan, on_total, out)
-        hyper.update({"max_grad_norm": opts.max_grad_norm, "noise_multiplier": result.plan.noise_multiplier,
-                      "sample_rate": result.plan.sample_rate, "steps": result.plan.steps,
-                      "delta": result.plan.delta})
     with staged_directory(out) as stage:
-        meta = write_adapter(stage, adapter_tensors_for_export(view, bundle), spec=bundle.spec,
-                             bundle_id=bundle.id, source_fingerprint=bundle.source_fingerprint,
-                             hyperparameters=hyper)
+        meta = write_adapter(stage, adapter_tensors_for_export(inputs.view, inputs.bundle),
+                             spec=inputs.bundle.spec, bundle_id=inputs.bundle.id,
+                             source_fingerprint=inputs.bundle.source_fingerprint, hyperparameters=hyper)
         if opts.dp:
-            result.receipt = _write_receipt(stage, opts, keys, result.plan, inputs.records,
-                                            meta["sha256"][TENSORS_FILE], bundle.id, result.run_id)
+            receipt = build_receipt(
+                run_history=[result.plan.entry(result.plan.steps)],
+                cumulative_history=history.load_history(opts.dataset_id, opts.budget_dir),
+                delta=result.plan.delta, max_grad_norm=result.plan.max_grad_norm, dataset_id=opts.dataset_id,
+                dataset_fingerprint=fingerprint, adapter_sha256=meta["sha256"][TENSORS_FILE],
+                bundle_id=inputs.bundle.id, signer_public_key=keys.private_key.public_key(),
+                run_id=result.run_id, noise_seed=opts.noise_seed)
+            write_receipt(stage, receipt, keys.private_key)
+            result.receipt = receipt
     if opts.dp:
-        import shutil
-
         shutil.rmtree(state_dir_for(out), ignore_errors=True)
     return result
 
 
-def _load_keys(keys_dir: Path | None):
-    """The data owner's signing key and dataset salt; DP runs need both for the receipt."""
-    from offsite import crypto
-    from offsite.client.paths import default_client_dir
+# -- DP ---------------------------------------------------------------------------------
+@dataclass
+class DataOwnerKeys:
+    private_key: Ed25519PrivateKey
+    salt: bytes
 
-    paths = crypto.KeyPaths.in_dir(keys_dir or default_client_dir())
-    if not paths.private_key.is_file() or not paths.salt.is_file():
-        raise DataError(f"no signing key in {paths.private_key.parent}: run `offsite client keys init` first")
-    return crypto.load_private_key(paths.private_key), crypto.load_salt(paths.salt)
+    @classmethod
+    def load(cls, keys_dir: Path | None) -> DataOwnerKeys:
+        """The signing key and dataset salt; a DP run needs both for its receipt."""
+        paths = crypto.KeyPaths.in_dir(keys_dir or default_client_dir())
+        if not paths.private_key.is_file() or not paths.salt.is_file():
+            raise DataError(f"no signing key in {paths.private_key.parent}: run `offsite client keys init` first")
+        return cls(crypto.load_private_key(paths.private_key), crypto.load_salt(paths.salt))
 
 
-def _train_private(inputs: TuneInputs, opts: TuneOptions, keys, hyper: dict, result: TuneResult,
-                   on_step, on_epoch, on_plan, on_total, out: Path):
-    import uuid
-
-    from offsite.privacy import history
-    from offsite.privacy.fingerprint import dataset_fingerprint
-    from offsite.training.dp import DPPlan, DPTrainState, make_plan, train_dp
-
-    _, salt = keys
-    fingerprint = dataset_fingerprint([r.raw for r in inputs.records], salt)
+def _train_private(inputs: TuneInputs, opts: TuneOptions, fingerprint: str, hyper: dict, result: TuneResult,
+                   on_step, on_epoch, on_plan, on_total) -> DPPlan:
+    """Plan (or resume) and run DP-SGD; fills ``result.plan``, ``run_id`` and ``resumed_from``."""
     identity = {"bundle_id": inputs.bundle.id, "dataset_id": opts.dataset_id, "dataset_fingerprint": fingerprint,
                 "hyperparameters": hyper, "max_grad_norm": opts.max_grad_norm, "epsilon": opts.epsilon,
                 "delta": opts.delta, "noise_multiplier": opts.noise_multiplier, "noise_seed": opts.noise_seed}
-    state = DPTrainState(state_dir_for(out))
+    state = DPTrainState(state_dir_for(result.adapter_dir))
     if state.exists():
+        # An interrupted run keeps its run id and σ; its recorded steps are never reset.
         meta = state.read_meta()
         if meta.get("identity", {}).get("identity") != identity:
             raise DataError(f"{state.directory} holds an interrupted run with other inputs or settings; "
@@ -221,43 +242,21 @@ def _train_private(inputs: TuneInputs, opts: TuneOptions, keys, hyper: dict, res
         run_id, plan = meta["identity"]["run_id"], DPPlan(**meta["identity"]["plan"])
         result.resumed_from = int(meta["step"])
     else:
-        prior = history.mechanism_history(history.load_history(opts.dataset_id))
+        prior = history.mechanism_history(history.load_history(opts.dataset_id, opts.budget_dir))
         plan = make_plan(len(inputs.train), opts.batch_size, opts.epochs, prior_history=prior,
                          epsilon=opts.epsilon, delta=opts.delta, noise_multiplier=opts.noise_multiplier,
                          max_grad_norm=opts.max_grad_norm)
         run_id = uuid.uuid4().hex
-    result.run_id = run_id
+    result.run_id, result.plan = run_id, plan
     if on_plan:
         on_plan(plan)
     if on_total:
         on_total(plan.steps)
-    from dataclasses import asdict
-
-    state_identity = {"identity": identity, "run_id": run_id, "plan": asdict(plan)}
     train_dp(inputs.model, inputs.view.named_parameters(), inputs.train, plan, lr=opts.lr,
              pad_id=inputs.tokenizer.pad_token_id, shift=inputs.bundle.task is Task.CAUSAL_LM,
              physical_batch_size=opts.physical_batch_size,
-             record_steps=lambda n: history.record(opts.dataset_id, run_id, plan.entry(n)),
-             state=state, identity=state_identity, noise_seed=opts.noise_seed, on_step=on_step,
-             checkpoint_every=opts.checkpoint_every,
+             record_steps=lambda n: history.record(opts.dataset_id, run_id, plan.entry(n), opts.budget_dir),
+             state=state, identity={"identity": identity, "run_id": run_id, "plan": asdict(plan)},
+             noise_seed=opts.noise_seed, checkpoint_every=opts.checkpoint_every, on_step=on_step,
              on_epoch=on_epoch)
-    result.fingerprint = fingerprint
     return plan
-
-
-def _write_receipt(stage: Path, opts: TuneOptions, keys, plan, records, adapter_sha256: str, bundle_id: str,
-                   run_id: str) -> dict:
-    from offsite.privacy import history
-    from offsite.privacy.fingerprint import dataset_fingerprint
-    from offsite.privacy.receipt import build_receipt, write_receipt
-
-    private_key, salt = keys
-    receipt = build_receipt(
-        run_history=[plan.entry(plan.steps)],
-        cumulative_history=history.load_history(opts.dataset_id),
-        delta=plan.delta, max_grad_norm=plan.max_grad_norm, dataset_id=opts.dataset_id,
-        dataset_fingerprint=dataset_fingerprint([r.raw for r in records], salt),
-        adapter_sha256=adapter_sha256, bundle_id=bundle_id, signer_public_key=private_key.public_key(),
-        run_id=run_id, noise_seed=opts.noise_seed)
-    write_receipt(stage, receipt, private_key)
-    return receipt

@@ -12,9 +12,9 @@ from tiny import WORDS, make_tiny_checkpoint
 from offsite import crypto
 from offsite.errors import BudgetError, DataError, IntegrityError, OffsiteError
 from offsite.formats.bundle import Bundle
+from offsite.prepare import PrepareOptions, prepare
 from offsite.privacy import history
 from offsite.privacy.receipt import verify_receipt
-from offsite.prepare import PrepareOptions, prepare
 from offsite.training.dp import DPPlan, default_delta, make_dp_optimizer, make_plan
 from offsite.tune import TuneOptions, state_dir_for, tune
 
@@ -153,12 +153,16 @@ def test_refusals_leave_nothing_behind(setup, tmp_path):
         tune(setup / "bundle", setup / "train.jsonl", tmp_path / "o3", _opts(setup, keys_dir=tmp_path / "nokeys"))
     with pytest.raises(OffsiteError, match="dataset-id"):
         tune(setup / "bundle", setup / "train.jsonl", tmp_path / "o4", _opts(setup, dataset_id=None))
+    wrong_kind = tmp_path / "mc.jsonl"  # multiple-choice records for a bundle that trains a causal LM
+    wrong_kind.write_text('{"question": "the cat", "choices": ["a", "b"], "answer": 1}\n' * 40)
+    with pytest.raises(DataError, match="mc.jsonl:1: missing field"):
+        tune(setup / "bundle", wrong_kind, tmp_path / "o6", _opts(setup))
     import shutil
 
     shutil.copytree(setup / "bundle", tmp_path / "bad_bundle")
     (tmp_path / "bad_bundle" / "initial_adapter.safetensors").write_bytes(b"x" * 10)
     with pytest.raises(IntegrityError):
         tune(tmp_path / "bad_bundle", setup / "train.jsonl", tmp_path / "o5", _opts(setup))
-    for i in range(1, 6):
+    for i in range(1, 7):
         assert not (tmp_path / f"o{i}").exists()
     assert history.load_history("ds") == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -11,6 +12,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "downstream task, then run the whole offsite-tuning flow and print the five settings.")
     p.add_argument("--quick", action="store_true", help="a smaller, faster run (what CI runs)")
     p.add_argument("--seed", type=int, default=0, help="fine-tuning seed")
+    p.add_argument("--keep", type=Path, default=None,
+                   help="keep the bundle, adapters and merged models in this directory")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=cmd_demo)
 
@@ -18,4 +21,4 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from offsite.demo.run import run_demo
 
-    return run_demo(quick=args.quick, seed=args.seed, as_json=args.json)
+    return run_demo(quick=args.quick, seed=args.seed, as_json=args.json, keep=args.keep)

@@ -13,6 +13,8 @@ import sys
 # Library chatter (load reports, per-file progress bars) would drown the command's own output.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# On a shared 2-core machine, spinning OpenMP workers make each step many times slower.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from offsite.cli import audit, client, demo, evaluate, owner
 from offsite.cli.ui import console, fail
