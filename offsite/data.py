@@ -232,3 +232,16 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
             labels[i, : len(e.labels)] = torch.tensor(e.labels)
         batch["labels"] = labels
     return batch
+
+
+def make_examples(kind: str, records: Sequence[Record], tokenizer, max_length: int,
+                  num_labels: int | None = None, mask_seed: int = 0) -> list[Example]:
+    """Records -> examples for ``kind`` (lm, cls or mlm); MLM masks with ``mask_seed`` so runs repeat."""
+    if kind == LM:
+        return [lm_example(tokenizer, r, max_length) for r in records]
+    if kind == CLS:
+        return [cls_example(tokenizer, r, max_length, int(num_labels)) for r in records]
+    if kind == MLM:
+        gen = torch.Generator().manual_seed(mask_seed)
+        return [mlm_example(tokenizer, r, max_length, gen) for r in records]
+    raise ValueError(f"no training examples for data kind {kind!r}")

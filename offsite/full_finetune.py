@@ -11,12 +11,12 @@ from pathlib import Path
 
 import torch
 
-from offsite.data import read_records
+from offsite.data import make_examples, max_positions, read_records
 from offsite.fileio import staged_directory
 from offsite.models.loading import load_config, load_model, load_tokenizer, task_from_config
 from offsite.models.registry import Task
 from offsite.training.finetune import TrainConfig, train
-from offsite.tune import data_kind, tokenize_records
+from offsite.tune import data_kind
 
 
 def finetune_full(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike,
@@ -28,7 +28,8 @@ def finetune_full(model_dir: str | os.PathLike, data: str | os.PathLike, out: st
     model = load_model(model_dir, task=task, dtype=torch.float32, num_labels=num_labels)
     tokenizer = load_tokenizer(model_dir)
     records = read_records(data, data_kind(task))
-    examples = tokenize_records(records, tokenizer, model.config, task, num_labels, max_length)
+    limit = min(max_length or max_positions(model.config), max_positions(model.config))
+    examples = make_examples(data_kind(task), records, tokenizer, limit, num_labels)
     model.requires_grad_(True)
     train(model, model.parameters(), examples, cfg, pad_id=tokenizer.pad_token_id,
           shift=task is Task.CAUSAL_LM, on_step=on_step)

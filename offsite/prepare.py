@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from offsite.data import LM, MLM, Example, lm_example, max_positions, mlm_example, read_records
+from offsite.data import LM, MLM, Example, make_examples, max_positions, read_records
 from offsite.errors import OffsiteError
 from offsite.fileio import staged_directory
 from offsite.formats.bundle import record_issued, write_bundle
@@ -57,18 +58,13 @@ class PrepareResult:
 
 
 def _distill_examples(path: Path, tokenizer, config, task: Task) -> tuple[list[Example], list[Example]]:
-    records = read_records(path, MLM if task is Task.MASKED_LM else LM)
+    kind = MLM if task is Task.MASKED_LM else LM
+    records = read_records(path, kind)
     max_len = min(max_positions(config), 512)
-    if task is Task.CAUSAL_LM:
-        import warnings
-
-        with warnings.catch_warnings():
-            # Public text is cut to the model's length: harmless for distillation, not worth a warning a line.
-            warnings.simplefilter("ignore", UserWarning)
-            examples = [lm_example(tokenizer, r, max_len) for r in records]
-    else:
-        gen = torch.Generator().manual_seed(0)
-        examples = [mlm_example(tokenizer, r, max_len, gen) for r in records]
+    with warnings.catch_warnings():
+        # Public text is cut to the model's length: harmless for distillation, not worth a warning a line.
+        warnings.simplefilter("ignore", UserWarning)
+        examples = make_examples(kind, records, tokenizer, max_len)
     # A fixed tail of the public text measures perplexity before and after distillation.
     held = max(1, len(examples) // 10) if len(examples) >= 10 else 0
     return examples[: len(examples) - held] or examples, examples[len(examples) - held :]

@@ -20,18 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from offsite import crypto
 from offsite.client.paths import default_client_dir
-from offsite.data import (
-    CLS,
-    LM,
-    MLM,
-    Example,
-    Record,
-    cls_example,
-    lm_example,
-    max_positions,
-    mlm_example,
-    read_records,
-)
+from offsite.data import CLS, LM, MLM, Example, Record, make_examples, max_positions, read_records
 from offsite.errors import DataError
 from offsite.fileio import staged_directory
 from offsite.formats.adapter import TENSORS_FILE, write_adapter
@@ -84,18 +73,6 @@ def data_kind(task: Task) -> str:
     return {Task.CAUSAL_LM: LM, Task.SEQ_CLS: CLS, Task.MASKED_LM: MLM}[task]
 
 
-def tokenize_records(records: Sequence[Record], tokenizer, config, task: Task, num_labels: int | None,
-                     max_length: int | None = None, mask_seed: int = 0) -> list[Example]:
-    """Records -> examples for ``task``; MLM masks with a fixed seed so runs are reproducible."""
-    limit = min(max_length or max_positions(config), max_positions(config))
-    if task is Task.CAUSAL_LM:
-        return [lm_example(tokenizer, r, limit) for r in records]
-    if task is Task.SEQ_CLS:
-        return [cls_example(tokenizer, r, limit, int(num_labels)) for r in records]
-    gen = torch.Generator().manual_seed(mask_seed)
-    return [mlm_example(tokenizer, r, limit, gen) for r in records]
-
-
 def split_eval(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
     """A held-out slice for the per-epoch eval loss (shown only on the data owner's terminal)."""
     if fraction <= 0 or len(examples) < 10:
@@ -124,8 +101,10 @@ def load_for_tuning(bundle_dir: str | os.PathLike, data: str | os.PathLike, opts
     num_labels = bundle.manifest["source"].get("num_labels")
     records = read_records(Path(data), kind)
 
+    limit = min(opts.max_length or max_positions(model.config), max_positions(model.config))
+
     def tokenize(recs: Sequence[Record]) -> list[Example]:
-        return tokenize_records(recs, tokenizer, model.config, bundle.task, num_labels, opts.max_length)
+        return make_examples(kind, recs, tokenizer, limit, num_labels)
 
     examples = tokenize(records)
     if opts.eval_data:

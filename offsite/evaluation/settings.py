@@ -20,10 +20,8 @@ from offsite.data import (
     MC,
     MLM,
     Record,
-    cls_example,
-    lm_example,
+    make_examples,
     max_positions,
-    mlm_example,
     read_records,
 )
 from offsite.errors import OffsiteError
@@ -78,16 +76,12 @@ def score(model: nn.Module, tokenizer, records: Sequence[Record], kind: str) -> 
     model.eval()
     limit = max_positions(model.config)
     pad = tokenizer.pad_token_id
-    if kind == LM:
-        return {"perplexity": token_perplexity(model, [lm_example(tokenizer, r, limit) for r in records], pad, True)}
-    if kind == MLM:
-        gen = torch.Generator().manual_seed(MLM_MASK_SEED)
-        ex = [mlm_example(tokenizer, r, limit, gen) for r in records]
-        return {"perplexity": token_perplexity(model, ex, pad, False)}
+    if kind == MC:
+        return multiple_choice_accuracy(model, tokenizer, records)
+    examples = make_examples(kind, records, tokenizer, limit, model.config.num_labels, MLM_MASK_SEED)
     if kind == CLS:
-        n = model.config.num_labels
-        return {"acc": classification_accuracy(model, [cls_example(tokenizer, r, limit, n) for r in records], pad)}
-    return multiple_choice_accuracy(model, tokenizer, records)
+        return {"acc": classification_accuracy(model, examples, pad)}
+    return {"perplexity": token_perplexity(model, examples, pad, shift=kind == LM)}
 
 
 def _check_task(model: nn.Module, kind: str, where: Path) -> None:

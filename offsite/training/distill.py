@@ -17,13 +17,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from offsite.data import Example, collate
 from offsite.errors import OffsiteError
-from offsite.fileio import canonical_json, read_json, write_bytes_atomic
 from offsite.models.registry import get_blocks
+from offsite.training import checkpoint
 from offsite.training.finetune import batches
 from offsite.training.losses import loss_from_logits
 
@@ -125,35 +124,16 @@ class Distiller:
         return sum(vals) / max(len(vals), 1)
 
     # -- resumable state -------------------------------------------------------
+    def _params_by_name(self) -> dict[str, nn.Parameter]:
+        return dict(zip(self.names, self.params, strict=True))
+
     def _save(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {f"param.{n}": p.detach().contiguous() for n, p in zip(self.names, self.params, strict=True)}
-        for n, p in zip(self.names, self.params, strict=True):
-            st = self.optimizer.state.get(p, {})
-            for key in ("exp_avg", "exp_avg_sq"):
-                if key in st:
-                    tensors[f"opt.{key}.{n}"] = st[key].contiguous()
-            if "step" in st:
-                tensors[f"opt.step.{n}"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1)
-        save_file(tensors, str(directory / "state.safetensors.tmp"))
-        (directory / "state.safetensors.tmp").replace(directory / "state.safetensors")
-        write_bytes_atomic(directory / "state.json", canonical_json({"step": self.step, "config": asdict(self.cfg)}))
+        checkpoint.save(directory, self._params_by_name(), self.optimizer,
+                        {"step": self.step, "config": asdict(self.cfg)})
 
     def _maybe_resume(self, directory: Path) -> None:
-        if not (directory / "state.json").is_file():
+        if not checkpoint.exists(directory):
             return
-        state = read_json(directory / "state.json", "distillation checkpoint")
-        if state.get("config") != asdict(self.cfg):
+        if checkpoint.read_meta(directory).get("config") != asdict(self.cfg):
             raise OffsiteError(f"{directory} holds a distillation run with other settings; remove it to start over")
-        tensors = load_file(str(directory / "state.safetensors"))
-        with torch.no_grad():
-            for n, p in zip(self.names, self.params, strict=True):
-                p.copy_(tensors[f"param.{n}"])
-                if f"opt.exp_avg.{n}" in tensors:
-                    self.optimizer.state[p] = {
-                        "step": tensors[f"opt.step.{n}"].reshape(()),
-                        "exp_avg": tensors[f"opt.exp_avg.{n}"].clone(),
-                        "exp_avg_sq": tensors[f"opt.exp_avg_sq.{n}"].clone(),
-                    }
-        self.step = int(state["step"])
-
+        self.step = int(checkpoint.load(directory, self._params_by_name(), self.optimizer)["step"])

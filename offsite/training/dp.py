@@ -26,13 +26,12 @@ from pathlib import Path
 import torch
 from opacus.optimizers import DPOptimizerFastGradientClipping
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from offsite.data import Example, collate
 from offsite.errors import BudgetError, DataError, OffsiteError
-from offsite.fileio import canonical_json, read_json, write_bytes_atomic
 from offsite.privacy import accounting
+from offsite.training import checkpoint
 from offsite.training.losses import per_sample_loss
 from offsite.training.per_sample import PerSampleClipper
 
@@ -114,47 +113,24 @@ def make_dp_optimizer(optimizer: torch.optim.Optimizer, plan: DPPlan,
 
 @dataclass
 class DPTrainState:
-    """Resumable training state: tensors in safetensors, everything else in JSON."""
+    """Resumable state of one DP run (see ``offsite.training.checkpoint``)."""
 
     directory: Path
 
     def exists(self) -> bool:
-        return (self.directory / "state.json").is_file()
+        return checkpoint.exists(self.directory)
 
     def read_meta(self) -> dict:
-        return read_json(self.directory / "state.json", "training state")
+        return checkpoint.read_meta(self.directory)
 
     def save(self, identity: dict, step: int, params: dict[str, nn.Parameter], optimizer) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        tensors = {f"param.{n}": p.detach().contiguous() for n, p in params.items()}
-        for n, p in params.items():
-            st = optimizer.state.get(p, {})
-            for key in ("exp_avg", "exp_avg_sq"):
-                if key in st:
-                    tensors[f"opt.{key}.{n}"] = st[key].contiguous()
-            if "step" in st:
-                tensors[f"opt.step.{n}"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1)
-        tmp = self.directory / "state.safetensors.tmp"
-        save_file(tensors, str(tmp))
-        tmp.replace(self.directory / "state.safetensors")
-        write_bytes_atomic(self.directory / "state.json", canonical_json({"identity": identity, "step": step}))
+        checkpoint.save(self.directory, params, optimizer, {"identity": identity, "step": step})
 
     def load(self, identity: dict, params: dict[str, nn.Parameter], optimizer) -> int:
-        state = self.read_meta()
-        if state.get("identity") != identity:
+        if self.read_meta().get("identity") != identity:
             raise OffsiteError(f"{self.directory} holds an interrupted run with other inputs or settings; "
                                "remove it to start over (its spent budget stays recorded)")
-        tensors = load_file(str(self.directory / "state.safetensors"))
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(tensors[f"param.{n}"])
-                if f"opt.exp_avg.{n}" in tensors:
-                    optimizer.state[p] = {
-                        "step": tensors[f"opt.step.{n}"].reshape(()),
-                        "exp_avg": tensors[f"opt.exp_avg.{n}"].clone(),
-                        "exp_avg_sq": tensors[f"opt.exp_avg_sq.{n}"].clone(),
-                    }
-        return int(state["step"])
+        return int(checkpoint.load(self.directory, params, optimizer)["step"])
 
 
 def train_dp(
