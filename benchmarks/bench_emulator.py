@@ -31,9 +31,6 @@ count and the timing. The count is cross-checked against a closed-form count.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
-import gc
 import json
 import os
 import resource
@@ -42,6 +39,8 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
+
+from memory import peak_kib, reset_peak, rss_kib, trim
 
 CONFIGS = ("full", "emu-blocks", "emu-lora")
 
@@ -68,41 +67,6 @@ QUICK_SHAPE = Shape(layers=8, hidden=64, heads=4, intermediate=172, vocab=1000, 
                     bottom=2, top=2, keep=2)
 
 
-# --------------------------------------------------------------------------- memory
-def _rss_kib() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-def _hwm_kib() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _trim() -> None:
-    gc.collect()
-    with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 # --------------------------------------------------------------------------- worker
 def worker(config: str, shape: Shape, warmup: int, steps: int, count_flops: bool) -> dict:
     import torch
@@ -116,8 +80,8 @@ def worker(config: str, shape: Shape, warmup: int, steps: int, count_flops: bool
     from offsite.models.emulator import build_emulator, emulator_layer_map
     from offsite.training.losses import per_sample_loss
 
-    _trim()
-    rss_before_model = _rss_kib()
+    trim()
+    rss_before_model = rss_kib()
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
@@ -164,9 +128,9 @@ def worker(config: str, shape: Shape, warmup: int, steps: int, count_flops: bool
         loss.backward()
         optimizer.step()
 
-    _trim()
-    rss_after_model = _rss_kib()
-    hwm_reset = _reset_hwm()
+    trim()
+    rss_after_model = rss_kib()
+    hwm_reset = reset_peak()
     maxrss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
     for _ in range(warmup):
@@ -178,7 +142,7 @@ def worker(config: str, shape: Shape, warmup: int, steps: int, count_flops: bool
         times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - c0)
 
-    peak = _hwm_kib() if hwm_reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = peak_kib() if hwm_reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     flops = None
     if count_flops:
         with FlopCounterMode(display=False) as counter:

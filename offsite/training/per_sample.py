@@ -244,6 +244,13 @@ def _rows(t: torch.Tensor, batch: int, what: str) -> torch.Tensor:
     return _per_sample(t, batch, what).reshape(batch, -1, t.shape[-1])
 
 
+def _cat_rows(ts: list[torch.Tensor], batch: int, what: str) -> torch.Tensor:
+    """(B, rows, features) of all uses of a layer; no copy when it was used once."""
+    if len(ts) == 1:
+        return _rows(ts[0], batch, what)
+    return torch.cat([_rows(t, batch, what) for t in ts], dim=1)
+
+
 # -- the engine ----------------------------------------------------------------------
 class PerSampleClipper:
     """Per-sample clipping of all trainable parameters of ``model`` (one joint norm per sample).
@@ -466,8 +473,8 @@ class PerSampleClipper:
         return finish
 
     def _linear(self, rec: _Record, batch: int, sq: torch.Tensor) -> Callable[[torch.Tensor], None]:
-        a = torch.cat([_rows(x, batch, rec.name) for x, _ in rec.pairs], dim=1)
-        g = torch.cat([_rows(y, batch, rec.name) for _, y in rec.pairs], dim=1)
+        a = _cat_rows([x for x, _ in rec.pairs], batch, rec.name)
+        g = _cat_rows([y for _, y in rec.pairs], batch, rec.name)
         rows, in_f, out_f = a.shape[1], a.shape[2], g.shape[2]
         weight = rec.params.get("weight")
         bias = rec.params.get("bias")
@@ -489,7 +496,11 @@ class PerSampleClipper:
         materialised = None
         if weight is not None:
             if cost.kind == "ghost":
-                sq += (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).float().sum((1, 2))
+                # Σ_{t,s} (a_t·a_s)(g_t·g_s) as a batched dot product of the two Gram matrices.
+                ga = torch.bmm(a, a.transpose(1, 2)).view(batch, 1, rows * rows)
+                gg = torch.bmm(g, g.transpose(1, 2)).view(batch, rows * rows, 1)
+                sq += torch.bmm(ga, gg).view(batch).float()
+                del ga, gg
             else:
                 materialised = torch.bmm(g.transpose(1, 2), a)
                 sq += materialised.float().pow(2).sum((1, 2))
@@ -503,10 +514,19 @@ class PerSampleClipper:
             if weight is not None:
                 if materialised is not None:
                     # B·in·out: cheaper than redoing the B·T·in·out contraction.
-                    grad = torch.einsum("b,boi->oi", c, materialised)
+                    grad = (c @ materialised.view(batch, -1)).view(out_f, in_f)
+                    weight.grad += grad.T if rec.kind == "conv1d" else grad
                 else:
-                    grad = (g * c[:, None, None]).reshape(-1, out_f).T @ a.reshape(-1, in_f)
-                weight.grad += grad.T if rec.kind == "conv1d" else grad
+                    # Scale whichever of a, g is smaller, then accumulate in place.
+                    # (Elementwise results keep the input's strides: reshape, not view.)
+                    if in_f < out_f:
+                        a2, g2 = (a * c[:, None, None]).reshape(-1, in_f), g.reshape(-1, out_f)
+                    else:
+                        a2, g2 = a.reshape(-1, in_f), (g * c[:, None, None]).reshape(-1, out_f)
+                    if rec.kind == "conv1d":  # weight stored (in, out)
+                        weight.grad.addmm_(a2.T, g2)
+                    else:
+                        weight.grad.addmm_(g2.T, a2)
             if bias_gs is not None:
                 bias.grad += c @ bias_gs
 
