@@ -53,9 +53,11 @@ def test_whole_flow_from_the_command_line(tmp_path, env):
                           "--distill-data", public, "--distill-steps", "4", "--json", env=env).stdout)
     assert prep["layer_map"] == [0, 1, 2, 4, 5] and prep["distillation"]["steps"] == 4
 
-    out = run("client", "train", tmp_path / "bundle", "--data", train, "--out", tmp_path / "adapter",
-              "--dataset-id", "clinic-1", "--epsilon", "6", "--epochs", "1", "--batch-size", "16", env=env)
-    assert "privacy spent" in out.stdout and (tmp_path / "adapter" / "receipt.sig").is_file()
+    out = json.loads(run("client", "train", tmp_path / "bundle", "--data", train, "--out", tmp_path / "adapter",
+                         "--dataset-id", "clinic-1", "--epsilon", "6", "--epochs", "1", "--batch-size", "16",
+                         "--json", env=env).stdout)
+    assert out["epsilon"]["cumulative"]["prv_upper"] <= 6 and out["plan"]["steps"] == 5
+    assert (tmp_path / "adapter" / "receipt.sig").is_file()
 
     pub = tmp_path / "client" / "signing_key.pub.pem"
     audit = json.loads(run("audit", "receipt", tmp_path / "adapter" / "receipt.json", "--adapter",

@@ -105,3 +105,15 @@ def test_cls_zero_shot_rows_are_na(tmp_path):
     prepare(src, tmp_path / "b", PrepareOptions(num_labels=2))
     report = evaluate_settings(task, "cls", EvalInputs(model=src, bundle=tmp_path / "b"))
     assert report.rows[0].metrics is None and "head is new" in report.rows[0].note
+
+
+def test_masked_lm_perplexity_uses_a_fixed_masking_seed(tmp_path):
+    src = make_tiny_checkpoint(tmp_path / "m", "roberta")
+    prepare(src, tmp_path / "b", PrepareOptions())
+    corpus = _corpus(tmp_path / "t.jsonl", 12)
+    first = evaluate_settings(corpus, "mlm", EvalInputs(model=src, bundle=tmp_path / "b"))
+    second = evaluate_settings(corpus, "mlm", EvalInputs(model=src, bundle=tmp_path / "b"))
+    assert first.to_json() == second.to_json()
+    assert first.rows[0].metrics["perplexity"] > 1 and first.rows[1].metrics["perplexity"] > 1
+    with pytest.raises(Exception, match="masked-lm model"):
+        evaluate_settings(corpus, "lm", EvalInputs(model=src))

@@ -258,3 +258,29 @@ def test_adapter_with_wrong_shape_is_refused(tmp_path):
     (tmp_path / "a" / "adapter.json").write_bytes(canonical_json(meta))
     with pytest.raises(FormatError, match="shape"):
         plug(src, tmp_path / "a", tmp_path / "out")
+
+
+def test_half_precision_checkpoint_keeps_its_dtype_end_to_end(tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from offsite.tune import TuneOptions, tune
+
+    src = make_tiny_checkpoint(tmp_path / "m32", "llama")
+    AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).to(torch.bfloat16).save_pretrained(tmp_path / "m")
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(src).save_pretrained(tmp_path / "m")
+    prepare(tmp_path / "m", tmp_path / "b", PrepareOptions(lora_rank=2))
+    bundle = Bundle.open(tmp_path / "b")
+    assert bundle.manifest["source"]["dtype"] == "bfloat16"
+    assert {t["dtype"] for t in bundle.expected_tensors.values()} == {"bfloat16"}
+    emulator, _ = bundle.load_emulator()  # training runs in fp32
+    assert next(emulator.parameters()).dtype == torch.float32
+    data = tmp_path / "d.txt"
+    data.write_text("the cat sat on the mat\na dog is red\n" * 8)
+    tune(tmp_path / "b", data, tmp_path / "a", TuneOptions(dp=False, epochs=1, batch_size=4, eval_fraction=0))
+    assert {t.dtype for t in load_file(str(tmp_path / "a" / "adapter.safetensors")).values()} == {torch.bfloat16}
+    plug(tmp_path / "m", tmp_path / "a", tmp_path / "merged")
+    merged = load_model(tmp_path / "merged")  # dtype="auto"
+    assert next(merged.parameters()).dtype == torch.bfloat16

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import asdict
 from pathlib import Path
 
-from offsite.cli.ui import console, err_console, table, warn
+from offsite.cli.ui import console, err_console, print_json, table, warn
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-fraction", type=float, default=0.1,
                    help="without --eval-data: fraction of --data held out for the eval loss (default 0.1)")
     p.add_argument("--max-length", type=int, default=None, help="token limit per record (default: the model's)")
+    p.add_argument("--json", action="store_true", help="print the result (plan, ε, paths) as JSON")
     add_dp_arguments(p)
     p.set_defaults(func=cmd_train)
     from offsite.cli.keys import register_keys
@@ -89,6 +91,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     with step_bar("training adapter" + ("" if opts.dp else " (NO DP)")) as bar:
         result = tune(args.bundle, args.data, args.out, opts, on_step=bar, on_eval=on_eval, on_plan=on_plan,
                       on_total=bar.set_total)
+    if args.json:
+        print_json({"adapter": str(args.out), "bundle_id": result.bundle_id, "dp": opts.dp,
+                    "plan": asdict(result.plan) if result.plan else None,
+                    "epsilon": result.receipt["epsilon"] if result.receipt else None,
+                    "delta": result.receipt["delta"] if result.receipt else None,
+                    "receipt": str(args.out / "receipt.json") if result.receipt else None})
+        return 0
     if result.eval_losses:
         console.print(table("eval loss (shown on this machine only)", ["epoch", "loss"],
                             [(e, f"{loss:.4f}") for e, loss in result.eval_losses]))
