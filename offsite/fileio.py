@@ -66,20 +66,26 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes, mode: int | None = 
         raise
 
 
+def check_new_output(out: str | os.PathLike) -> Path:
+    """Refuse an existing, non-empty output directory up front, before any expensive work."""
+    from offsite.errors import OffsiteError
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise OffsiteError(f"{out} already exists; choose another --out or remove it")
+    return out
+
+
 @contextlib.contextmanager
 def staged_directory(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a scratch directory beside ``out`` that becomes ``out`` only if the block succeeds.
 
     A failure (bad input, Ctrl-C) leaves nothing half-written at ``out``.
     """
-    from offsite.errors import OffsiteError
-
     out = Path(out)
     if out.exists() and not overwrite:
-        if out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
-        else:
-            raise OffsiteError(f"{out} already exists; choose another --out or remove it")
+        check_new_output(out)
+        out.rmdir()  # empty: replaced by the staged directory below
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:

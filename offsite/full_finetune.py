@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from offsite.data import make_examples, max_positions, read_records
-from offsite.fileio import staged_directory
+from offsite.fileio import check_new_output, staged_directory
 from offsite.models.loading import load_config, load_model, load_tokenizer, task_from_config
 from offsite.models.registry import Task
 from offsite.training.finetune import TrainConfig, train
@@ -23,6 +23,7 @@ def finetune_full(model_dir: str | os.PathLike, data: str | os.PathLike, out: st
                   cfg: TrainConfig, num_labels: int | None = None, max_length: int | None = None,
                   on_step: Callable[[int, float], None] | None = None) -> None:
     model_dir = Path(model_dir)
+    check_new_output(out)
     task = task_from_config(load_config(model_dir), num_labels)
     torch.manual_seed(cfg.seed)
     model = load_model(model_dir, task=task, dtype=torch.float32, num_labels=num_labels)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from offsite.errors import MismatchError
-from offsite.fileio import canonical_json, read_json, staged_directory, write_bytes_atomic
+from offsite.fileio import canonical_json, check_new_output, read_json, staged_directory, write_bytes_atomic
 from offsite.formats.adapter import META_FILE, read_adapter
 from offsite.formats.bundle import issued_manifest
 from offsite.models.adapters import LORA, AdapterSpec
@@ -27,7 +27,7 @@ class PlugResult:
 def plug(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out: str | os.PathLike,
          bundle_dir: str | os.PathLike | None = None) -> PlugResult:
     """Check ``adapter_dir`` against the bundle it claims and ``model_dir``, then write the merged model."""
-    model_dir, adapter_dir, out = Path(model_dir), Path(adapter_dir), Path(out)
+    model_dir, adapter_dir, out = Path(model_dir), Path(adapter_dir), check_new_output(out)
     claimed = read_json(adapter_dir / META_FILE, "adapter metadata").get("bundle_id")
     manifest = issued_manifest(str(claimed), bundle_dir)
     fingerprint = model_fingerprint(model_dir)

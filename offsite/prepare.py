@@ -12,7 +12,7 @@ import torch
 
 from offsite.data import LM, MLM, Example, make_examples, max_positions, read_records
 from offsite.errors import OffsiteError
-from offsite.fileio import staged_directory
+from offsite.fileio import check_new_output, staged_directory
 from offsite.formats.bundle import record_issued, write_bundle
 from offsite.models.adapters import (
     BLOCKS,
@@ -73,6 +73,7 @@ def _distill_examples(path: Path, tokenizer, config, task: Task) -> tuple[list[E
 def prepare(model_dir: str | os.PathLike, out: str | os.PathLike, opts: PrepareOptions,
             on_distill_step: Callable[[int, float], None] | None = None) -> PrepareResult:
     model_dir = Path(model_dir)
+    check_new_output(out)
     config = load_config(model_dir)
     arch = architecture_for(config.model_type)
     task = task_from_config(config, opts.num_labels)
@@ -139,7 +140,8 @@ def prepare(model_dir: str | os.PathLike, out: str | os.PathLike, opts: PrepareO
         "num_labels": opts.num_labels,
         "total_layers": total,
         "dtype": dtype_name(stored_dtype),
-        "config": config.to_dict(),
+        # The owner's local path is nobody's business.
+        "config": {k: v for k, v in config.to_dict().items() if k != "_name_or_path"},
     }
     with staged_directory(out) as stage:
         bundle_id = write_bundle(stage, emulator=emulator, tokenizer=tokenizer, view=view, layer_map=layer_map,

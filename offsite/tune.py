@@ -22,7 +22,7 @@ from offsite import crypto
 from offsite.client.paths import default_client_dir
 from offsite.data import CLS, LM, MLM, Example, Record, make_examples, max_positions, read_records
 from offsite.errors import DataError
-from offsite.fileio import staged_directory
+from offsite.fileio import check_new_output, staged_directory
 from offsite.formats.adapter import TENSORS_FILE, write_adapter
 from offsite.formats.bundle import Bundle
 from offsite.models.adapters import AdapterView
@@ -55,6 +55,15 @@ class TuneOptions:
     checkpoint_every: int = 20
     keys_dir: Path | None = None  # default: the client credentials directory
     budget_dir: Path | None = None  # budget histories; default: the client credentials directory
+
+    def validate(self) -> None:
+        for name in ("epochs", "batch_size", "physical_batch_size", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise DataError(f"--{name.replace('_', '-')} must be at least 1")
+        if not self.lr > 0:
+            raise DataError("--lr must be positive")
+        if not 0 <= self.eval_fraction < 1:
+            raise DataError("--eval-fraction must be in [0, 1)")
 
 
 @dataclass
@@ -136,9 +145,8 @@ def tune(bundle_dir: str | os.PathLike, data: str | os.PathLike, out: str | os.P
     Every check that can fail (output exists, keys, dataset id, bundle integrity, data, budget)
     runs before training; nothing is written at ``out`` unless the whole run succeeds.
     """
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise DataError(f"{out} already exists; choose another --out or remove it")
+    out = check_new_output(out)
+    opts.validate()
     keys = None
     if opts.dp:
         keys = DataOwnerKeys.load(opts.keys_dir)
