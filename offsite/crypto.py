@@ -105,14 +105,16 @@ def init_client_keys(directory: str | os.PathLike, force: bool = False) -> KeyPa
 # ------------------------------------------------------------------------------------------ loading
 
 
+def _read(path: str | os.PathLike, missing: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError as e:
+        raise OffsiteError(missing) from e
+
+
 def load_private_key(path: str | os.PathLike) -> Ed25519PrivateKey:
     """Load an unencrypted Ed25519 private key from PEM."""
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError as e:
-        raise OffsiteError(
-            f"signing key {path} does not exist; create one with `offsite client keys init`"
-        ) from e
+    data = _read(path, f"signing key {path} does not exist; create one with `offsite client keys init`")
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as e:
@@ -125,10 +127,7 @@ def load_private_key(path: str | os.PathLike) -> Ed25519PrivateKey:
 
 def load_public_key(path: str | os.PathLike) -> Ed25519PublicKey:
     """Load an Ed25519 public key from a PEM file."""
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError as e:
-        raise OffsiteError(f"public key {path} does not exist") from e
+    data = _read(path, f"public key {path} does not exist")
     try:
         key = serialization.load_pem_public_key(data)
     except (ValueError, TypeError) as e:
@@ -140,12 +139,7 @@ def load_public_key(path: str | os.PathLike) -> Ed25519PublicKey:
 
 def load_salt(path: str | os.PathLike) -> bytes:
     """The data owner's secret salt for dataset fingerprints."""
-    try:
-        salt = Path(path).read_bytes()
-    except FileNotFoundError as e:
-        raise OffsiteError(
-            f"secret salt {path} does not exist; create it with `offsite client keys init`"
-        ) from e
+    salt = _read(path, f"secret salt {path} does not exist; create it with `offsite client keys init`")
     if len(salt) != SALT_BYTES:
         raise FormatError(f"{path} must hold exactly {SALT_BYTES} bytes, found {len(salt)}")
     return salt
