@@ -12,7 +12,8 @@ import torch
 
 from offsite.data import LM, MLM, Example, make_examples, max_positions, read_records
 from offsite.errors import OffsiteError
-from offsite.fileio import check_new_output, staged_directory
+from offsite.evaluation.metrics import token_perplexity
+from offsite.fileio import SAFETENSORS_DTYPES, check_new_output, staged_directory
 from offsite.formats.bundle import record_issued, write_bundle
 from offsite.models.adapters import (
     BLOCKS,
@@ -29,11 +30,11 @@ from offsite.models.loading import (
     load_model,
     load_tokenizer,
     model_fingerprint,
+    parse_dtype,
     task_from_config,
 )
 from offsite.models.registry import Task, architecture_for, num_layers
 from offsite.training.distill import DistillConfig, Distiller
-from offsite.training.finetune import mean_loss
 
 
 @dataclass
@@ -70,6 +71,29 @@ def _distill_examples(path: Path, tokenizer, config, task: Task) -> tuple[list[E
     return examples[: len(examples) - held] or examples, examples[len(examples) - held :]
 
 
+def _distill(model, emulator, layer_map: list[int], tokenizer, config, task: Task, opts: PrepareOptions,
+             on_step: Callable[[int, float], None] | None) -> dict:
+    """Distil the emulator's kept middle blocks in place; return what the manifest records."""
+    cfg = opts.distill or DistillConfig()
+    train_ex, held_ex = _distill_examples(opts.distill_data, tokenizer, config, task)
+    shift, pad = task is Task.CAUSAL_LM, tokenizer.pad_token_id
+    distiller = Distiller(model, emulator, layer_map, opts.adapter_bottom, opts.adapter_top, cfg, pad_id=pad,
+                          shift=shift, use_lm=task is Task.CAUSAL_LM)
+    eval_set = held_ex or train_ex[:64]
+    kd_before, ppl_before = distiller.mean_kd(eval_set), token_perplexity(emulator, eval_set, pad, shift)
+    final_kd = distiller.train(train_ex, on_step=on_step, checkpoint=opts.distill_checkpoint)
+    return {
+        "steps": cfg.steps, "lr": cfg.lr, "batch_size": cfg.batch_size, "lm_weight": cfg.lm_weight,
+        "kd_weight": cfg.kd_weight, "final_kd_loss": final_kd, "held_out_records": len(eval_set),
+        "held_out_kd": {"before": kd_before, "after": distiller.mean_kd(eval_set)},
+        "held_out_perplexity": {
+            "full": token_perplexity(model, eval_set, pad, shift),
+            "emulator_before": ppl_before,
+            "emulator_after": token_perplexity(emulator, eval_set, pad, shift),
+        },
+    }
+
+
 def prepare(model_dir: str | os.PathLike, out: str | os.PathLike, opts: PrepareOptions,
             on_distill_step: Callable[[int, float], None] | None = None) -> PrepareResult:
     model_dir = Path(model_dir)
@@ -97,35 +121,13 @@ def prepare(model_dir: str | os.PathLike, out: str | os.PathLike, opts: PrepareO
     distilling = opts.distill_data is not None
     model = load_model(model_dir, task=task, dtype=torch.float32 if distilling else "auto",
                        num_labels=opts.num_labels)
-    stored_dtype = load_model_dtype(model_dir, config)
+    stored_dtype = stored_dtype_of(model_dir)
     tokenizer = load_tokenizer(model_dir)
     emulator = build_emulator(model, layer_map)
 
     distillation = None
     if distilling:
-        cfg = opts.distill or DistillConfig()
-        train_ex, held_ex = _distill_examples(opts.distill_data, tokenizer, config, task)
-        shift = task is Task.CAUSAL_LM
-        distiller = Distiller(model, emulator, layer_map, opts.adapter_bottom, opts.adapter_top, cfg,
-                              pad_id=tokenizer.pad_token_id, shift=shift, use_lm=task is Task.CAUSAL_LM)
-        eval_set = held_ex or train_ex[:64]
-        before = {"kd": distiller.mean_kd(eval_set), "emulator_loss": mean_loss(emulator, eval_set,
-                                                                                tokenizer.pad_token_id, shift)}
-        final_kd = distiller.train(train_ex, on_step=on_distill_step, checkpoint=opts.distill_checkpoint)
-        after_loss = mean_loss(emulator, eval_set, tokenizer.pad_token_id, shift)
-        import math
-
-        distillation = {
-            "steps": cfg.steps, "lr": cfg.lr, "batch_size": cfg.batch_size, "lm_weight": cfg.lm_weight,
-            "kd_weight": cfg.kd_weight, "final_kd_loss": final_kd,
-            "held_out_records": len(eval_set),
-            "held_out_kd": {"before": before["kd"], "after": distiller.mean_kd(eval_set)},
-            "held_out_perplexity": {
-                "full": math.exp(mean_loss(model, eval_set, tokenizer.pad_token_id, shift)),
-                "emulator_before": math.exp(before["emulator_loss"]),
-                "emulator_after": math.exp(after_loss),
-            },
-        }
+        distillation = _distill(model, emulator, layer_map, tokenizer, config, task, opts, on_distill_step)
         emulator.to(stored_dtype)
 
     view = AdapterView(emulator, spec, positions_from_layer_map(layer_map))
@@ -150,14 +152,12 @@ def prepare(model_dir: str | os.PathLike, out: str | os.PathLike, opts: PrepareO
     return PrepareResult(bundle_id, layer_map, distillation)
 
 
-def load_model_dtype(model_dir: Path, config) -> torch.dtype:
-    """The dtype the checkpoint stores (what ``dtype="auto"`` loads)."""
+def stored_dtype_of(model_dir: Path) -> torch.dtype:
+    """The dtype the checkpoint stores (what ``dtype="auto"`` loads), from a safetensors header."""
     from safetensors import safe_open
 
     for f in sorted(model_dir.glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as st:
-            for name in st.keys():  # noqa: SIM118
-                t = st.get_slice(name)
-                return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(
-                    t.get_dtype(), torch.float32)
+            for name in st.keys():  # noqa: SIM118 - safe_open has no __iter__
+                return parse_dtype(SAFETENSORS_DTYPES[st.get_slice(name).get_dtype()])
     return torch.float32

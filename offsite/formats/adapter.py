@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from offsite.errors import FormatError, IntegrityError, MismatchError
-from offsite.fileio import canonical_json, read_json, sha256_file, write_bytes_atomic
+from offsite.fileio import SAFETENSORS_DTYPES, canonical_json, read_json, sha256_file, write_bytes_atomic
 from offsite.models.adapters import AdapterSpec
 
 FORMAT = "offsite-adapter"
@@ -95,9 +95,6 @@ def check_tensor_table(found: Mapping[str, dict], expected: Mapping[str, dict], 
             raise FormatError(f"{where}: tensor {name} has dtype {got['dtype']}, expected {exp['dtype']}")
 
 
-_ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
-
-
 def read_adapter(
     path: str | os.PathLike,
     *,
@@ -135,7 +132,7 @@ def read_adapter(
             header = {}
             for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
                 sl = f.get_slice(name)
-                header[name] = {"shape": list(sl.get_shape()), "dtype": _ST_DTYPES.get(sl.get_dtype(), sl.get_dtype())}
+                header[name] = {"shape": list(sl.get_shape()), "dtype": SAFETENSORS_DTYPES.get(sl.get_dtype(), sl.get_dtype())}
             check_tensor_table(header, expected_tensors, str(tensors_path))
             tensors = {name: f.get_tensor(name) for name in header}
     except FormatError:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from offsite.models.lora import LoRALinear, inject_lora
-from offsite.models.registry import Task, architecture_for, base_prefix, blocks_path, get_blocks
+from offsite.models.registry import Task, architecture_for, base_prefix, get_blocks
 
 BLOCKS = "blocks"
 LORA = "lora"
@@ -76,7 +76,6 @@ class AdapterView:
         if missing:
             raise ValueError(f"adapter layers {missing} are not in this model")
         self._blocks = get_blocks(model)
-        self._blocks_path = blocks_path(model)
 
     # -- set-up ---------------------------------------------------------------
     def attach(self) -> None:
