@@ -49,6 +49,7 @@ class PrepareOptions:
     distill_data: Path | None = None
     distill: DistillConfig | None = None
     distill_checkpoint: Path | None = None
+    owner_dir: Path | None = None  # where issued bundles are recorded (default: the owner's state directory)
 
 
 @dataclass
@@ -148,7 +149,7 @@ def prepare(model_dir: str | os.PathLike, out: str | os.PathLike, opts: PrepareO
     with staged_directory(out) as stage:
         bundle_id = write_bundle(stage, emulator=emulator, tokenizer=tokenizer, view=view, layer_map=layer_map,
                                  source=source, distillation=distillation)
-    record_issued(Path(out), bundle_id)
+    record_issued(Path(out), bundle_id, opts.owner_dir)
     return PrepareResult(bundle_id, layer_map, distillation)
 
 

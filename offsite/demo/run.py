@@ -58,8 +58,6 @@ def _checks(zs: float, emu_ft: float, plug: float, full_ft: float) -> list[tuple
 
 
 def run_demo(quick: bool = False, seed: int = 0, as_json: bool = False, keep: Path | None = None) -> int:
-    import os
-
     from offsite import crypto
     from offsite.demo.model import PretrainRecipe, build_demo_owner, cached_demo
     from offsite.evaluation.settings import EvalInputs, evaluate_settings, score
@@ -84,7 +82,6 @@ def run_demo(quick: bool = False, seed: int = 0, as_json: bool = False, keep: Pa
     model_dir, data = root / "model", root / "data"
     work = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="offsite-demo-"))
     work.mkdir(parents=True, exist_ok=True)
-    os.environ["OFFSITE_OWNER_DIR"] = str(work / "owner")
     crypto.init_client_keys(work / "client", force=True)
     eval_file = data / "eval.jsonl"
     if settings.eval_records:
@@ -98,7 +95,7 @@ def run_demo(quick: bool = False, seed: int = 0, as_json: bool = False, keep: Pa
             with step_bar("distilling the emulator", distill.steps, "kd") as bar:
                 prepare(model_dir, work / "bundle", PrepareOptions(
                     emulator_layers=settings.emulator_layers, distill_data=data / "public.txt", distill=distill,
-                    seed=seed), on_distill_step=bar)
+                    seed=seed, owner_dir=work / "owner"), on_distill_step=bar)
         common = dict(seed=seed, eval_fraction=0.0, keys_dir=work / "client", budget_dir=work / "client")
         with _stage(timings, f"client train with DP (ε={settings.epsilon:g})"):
             dp_opts = TuneOptions(epochs=settings.dp_epochs, lr=settings.dp_lr, batch_size=settings.dp_batch,

@@ -172,9 +172,9 @@ def owner_dir() -> Path:
     return Path(env) if env else Path(platformdirs.user_data_dir("offsite")) / "owner"
 
 
-def record_issued(bundle_path: Path, bundle_id: str) -> Path:
+def record_issued(bundle_path: Path, bundle_id: str, state_dir: Path | None = None) -> Path:
     """Keep a copy of an issued bundle's manifest so adapters can be checked against it later."""
-    dest = owner_dir() / "bundles" / f"{bundle_id}.json"
+    dest = (state_dir or owner_dir()) / "bundles" / f"{bundle_id}.json"
     write_bytes_atomic(dest, (bundle_path / MANIFEST).read_bytes())
     return dest
 
