@@ -46,8 +46,9 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Scaling the rank-r activation rather than the output saves a full-width elementwise pass.
-        return self.base(x) + self.lora_B(self.lora_A(x) * self.scaling)
+        # Scaling the rank-r activation rather than the output saves a full-width elementwise pass,
+        # and adding in place into the base output (which no backward needs) saves an allocation.
+        return self.base(x).add_(self.lora_B(self.lora_A(x) * self.scaling))
 
     def delta_weight(self) -> torch.Tensor:
         """The update in the base layer's own weight layout (Conv1D stores (in, out))."""
