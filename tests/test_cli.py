@@ -30,7 +30,7 @@ def env(tmp_path):
 
 def test_help_for_every_role(env):
     for args in (["--help"], ["owner", "prepare", "--help"], ["owner", "plug", "--help"], ["client", "train", "--help"],
-                 ["client", "keys", "init", "--help"], ["eval", "--help"], ["audit", "receipt", "--help"],
+                 ["client", "keys", "init", "--help"], ["client", "budget", "--help"], ["eval", "--help"], ["audit", "receipt", "--help"],
                  ["demo", "--help"]):
         assert run(*args, env=env).stdout.strip()
     assert "--epsilon" in run("client", "train", "--help", env=env).stdout
@@ -58,6 +58,9 @@ def test_whole_flow_from_the_command_line(tmp_path, env):
                          "--json", env=env).stdout)
     assert out["epsilon"]["cumulative"]["prv_upper"] <= 6 and out["plan"]["steps"] == 5
     assert (tmp_path / "adapter" / "receipt.sig").is_file()
+    budget = json.loads(run("client", "budget", "--delta", out["delta"], "--json", env=env).stdout)
+    assert [d["dataset_id"] for d in budget["datasets"]] == ["clinic-1"]
+    assert abs(budget["datasets"][0]["epsilon"]["prv_upper"] - out["epsilon"]["cumulative"]["prv_upper"]) < 1e-6
 
     pub = tmp_path / "client" / "signing_key.pub.pem"
     audit = json.loads(run("audit", "receipt", tmp_path / "adapter" / "receipt.json", "--adapter",

@@ -35,6 +35,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     register_keys(cmds)
 
+    p = cmds.add_parser(
+        "budget", help="show the privacy budget spent per dataset",
+        description="ε spent on each dataset (or the named ones) by every DP run recorded on this machine: "
+        "the recorded mechanism histories composed (never added), by PRV (upper bound) and RDP.")
+    p.add_argument("dataset_ids", nargs="*", metavar="DATASET_ID", help="datasets to show (default: all)")
+    p.add_argument("--delta", type=float, default=1e-5, help="δ at which to state ε (default 1e-5)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_budget)
+
 
 def add_dp_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group(
@@ -110,4 +119,27 @@ def cmd_train(args: argparse.Namespace) -> int:
         ]))
         console.print(f"signed receipt: {args.out / 'receipt.json'}")
     console.print(f"[green]adapter written[/green] to {args.out}")
+    return 0
+
+
+def cmd_budget(args: argparse.Namespace) -> int:
+    from offsite.privacy import accounting, history
+
+    ids = args.dataset_ids or history.dataset_ids()
+    rows = []
+    for dataset_id in ids:
+        entries = history.load_history(history.validate_dataset_id(dataset_id))
+        eps = accounting.epsilon(entries, accounting.validate_delta(args.delta))
+        rows.append({"dataset_id": dataset_id, "runs": len({e["run_id"] for e in entries}),
+                     "steps": sum(e["steps"] for e in entries), "epsilon": eps.to_dict()})
+    if args.json:
+        print_json({"delta": args.delta, "datasets": rows})
+        return 0
+    if not rows:
+        console.print("no DP runs recorded on this machine")
+        return 0
+    console.print(table(f"privacy budget spent (δ={args.delta:g})", ["dataset", "runs", "steps",
+                                                                       "ε (PRV upper)", "ε (RDP)"],
+                        [(r["dataset_id"], r["runs"], r["steps"], f"{r['epsilon']['prv_upper']:.3f}",
+                          f"{r['epsilon']['rdp']:.3f}") for r in rows]))
     return 0

@@ -171,3 +171,12 @@ def spent_epsilon(
 ) -> accounting.Epsilon:
     """ε spent on ``dataset_id`` so far at ``delta``: all recorded runs composed."""
     return accounting.epsilon(load_history(dataset_id, client_dir), delta, eps_error)
+
+
+def dataset_ids(client_dir: str | os.PathLike | None = None) -> list[str]:
+    """Every dataset id with a recorded history on this machine."""
+    directory = _client_dir(client_dir) / BUDGETS_DIR
+    if not directory.is_dir():
+        return []
+    ids = (p.stem for p in directory.glob("*.json"))
+    return sorted(i for i in ids if _DATASET_ID.fullmatch(i))
