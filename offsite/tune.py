@@ -229,11 +229,16 @@ def _train_private(inputs: TuneInputs, opts: TuneOptions, fingerprint: str, hype
         run_id, plan = meta["identity"]["run_id"], DPPlan(**meta["identity"]["plan"])
         result.resumed_from = int(meta["step"])
     else:
-        prior = history.mechanism_history(history.load_history(opts.dataset_id, opts.budget_dir))
-        plan = make_plan(len(inputs.train), opts.batch_size, opts.epochs, prior_history=prior,
-                         epsilon=opts.epsilon, delta=opts.delta, noise_multiplier=opts.noise_multiplier,
-                         max_grad_norm=opts.max_grad_norm)
         run_id = uuid.uuid4().hex
+
+        def plan_against(prior: list[dict]) -> tuple[dict, DPPlan]:
+            p = make_plan(len(inputs.train), opts.batch_size, opts.epochs, prior_history=prior,
+                          epsilon=opts.epsilon, delta=opts.delta, noise_multiplier=opts.noise_multiplier,
+                          max_grad_norm=opts.max_grad_norm)
+            return p.entry(p.steps), p
+
+        # The whole run is reserved before it starts, so concurrent runs cannot overspend together.
+        plan = history.reserve(opts.dataset_id, run_id, plan_against, opts.budget_dir)
     result.run_id, result.plan = run_id, plan
     if on_plan:
         on_plan(plan)

@@ -204,3 +204,33 @@ def test_fingerprint_stable_under_reordering_and_sensitive_to_changes():
     assert dataset_fingerprint(records[:-1], salt) != fp
     assert dataset_fingerprint(records, bytes(32)) != fp  # keyed by the owner's salt
     assert dataset_fingerprint(["alpha"], salt) == dataset_fingerprint([b"alpha"], salt)  # str is UTF-8
+
+
+def test_reservations_on_one_dataset_are_serialised(tmp_path):
+    """Two runs started at once: the second plans against the first's reservation, not before it."""
+    import threading
+    import time
+
+    from offsite.privacy import history
+    from offsite.privacy.accounting import make_entry
+
+    seen: dict[str, list] = {}
+
+    def start(run_id: str, delay: float) -> None:
+        time.sleep(delay)
+
+        def plan(prior):
+            seen[run_id] = prior
+            time.sleep(0.3)  # planning (noise calibration) takes a while
+            return make_entry(1.0, 0.1, 10), None
+
+        history.reserve("shared", run_id, plan, tmp_path)
+
+    threads = [threading.Thread(target=start, args=("first", 0.0)), threading.Thread(target=start, args=("second", 0.1))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen["first"] == []
+    assert len(seen["second"]) == 1 and seen["second"][0]["steps"] == 10
+    assert [e["run_id"] for e in history.load_history("shared", tmp_path)] == ["first", "second"]

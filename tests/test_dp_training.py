@@ -134,7 +134,7 @@ def test_interrupted_run_resumes_without_resetting_budget(setup, tmp_path):
              on_step=stop_at_3)
     assert not out.exists() and state_dir_for(out).is_dir()
     spent = history.load_history("resume")
-    assert [e["steps"] for e in spent] == [3]
+    assert [e["steps"] for e in spent] == [4]  # the whole run was reserved before it started
     result = tune(setup / "bundle", setup / "train.jsonl", out, _opts(setup, dataset_id="resume", checkpoint_every=2))
     assert result.resumed_from == 2
     final = history.load_history("resume")

@@ -15,10 +15,11 @@ One JSON file per dataset id, ``<client_dir>/budgets/<dataset_id>.json``::
 Entries are mechanism phases; a run has one entry per (σ, q) phase. ε spent on a dataset is always
 the *composition* of all entries (see ``accounting``), never a sum of per-run ε.
 
-``record`` is an upper-bound claim that only ever grows: a run resumed after an interruption updates
-its own entry's steps, and a smaller step count (resuming from an older checkpoint) never lowers what
-was recorded. Because steps executed after the last record and before a crash would otherwise go
-uncounted, training code should record the steps of a checkpoint interval *before* running them.
+``reserve`` plans a run and records its whole phase under one lock, before the run starts; ``record``
+is an upper-bound claim that only ever grows: a run resumed after an interruption updates its own
+entry's steps, and a smaller step count (resuming from an older checkpoint) never lowers what was
+recorded. A run that is reserved but interrupted stays counted in full: nothing from it was released,
+so this over-counts, never under-counts.
 """
 
 from __future__ import annotations
@@ -27,14 +28,16 @@ import contextlib
 import fcntl
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from offsite.errors import FormatError, OffsiteError
 from offsite.fileio import canonical_json, read_json, write_bytes_atomic
 from offsite.privacy import accounting
+
+T = TypeVar("T")
 
 FORMAT = "offsite-budget-history"
 FORMAT_VERSION = 1
@@ -136,31 +139,48 @@ def record(
     path = history_path(dataset_id, client_dir)
     with _locked(path):
         entries = _load(path, dataset_id)
-        now = _now()
-        mine = [i for i, e in enumerate(entries) if e["run_id"] == run_id]
-        last = entries[mine[-1]] if mine else None
-        if last is not None and all(
-            last[k] == new[k] for k in ("mechanism", "noise_multiplier", "sample_rate")
-        ):
-            last["steps"] = max(int(last["steps"]), int(new["steps"]))
-            last["updated_at"] = now
-        else:
-            entries.append(
-                {
-                    "run_id": run_id,
-                    **{k: new[k] for k in accounting.ENTRY_KEYS},
-                    "created_at": now,
-                    "updated_at": now,
-                }
-            )
-        doc = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "dataset_id": dataset_id,
-            "entries": entries,
-        }
-        write_bytes_atomic(path, canonical_json(doc), mode=0o600)
+        _upsert(entries, run_id, new)
+        _write(path, dataset_id, entries)
     return entries
+
+
+def reserve(
+    dataset_id: str,
+    run_id: str,
+    plan: Callable[[list[dict[str, Any]]], tuple[Mapping[str, Any], T]],
+    client_dir: str | os.PathLike | None = None,
+) -> T:
+    """Plan a run against the recorded history and record its whole phase, in one locked step.
+
+    ``plan(prior_mechanism_history)`` returns ``(entry, result)``. Holding the lock from reading the
+    history to writing the reservation means two runs started at once on one dataset cannot both
+    plan against the same prior and overspend the budget together.
+    """
+    validate_run_id(run_id)
+    path = history_path(dataset_id, client_dir)
+    with _locked(path):
+        entries = _load(path, dataset_id)
+        entry, result = plan(mechanism_history(entries))
+        _upsert(entries, run_id, accounting.validate_entry(dict(entry), "entry"))
+        _write(path, dataset_id, entries)
+    return result
+
+
+def _upsert(entries: list[dict[str, Any]], run_id: str, new: Mapping[str, Any]) -> None:
+    now = _now()
+    mine = [i for i, e in enumerate(entries) if e["run_id"] == run_id]
+    last = entries[mine[-1]] if mine else None
+    if last is not None and all(last[k] == new[k] for k in ("mechanism", "noise_multiplier", "sample_rate")):
+        last["steps"] = max(int(last["steps"]), int(new["steps"]))
+        last["updated_at"] = now
+    else:
+        entries.append({"run_id": run_id, **{k: new[k] for k in accounting.ENTRY_KEYS},
+                        "created_at": now, "updated_at": now})
+
+
+def _write(path: Path, dataset_id: str, entries: list[dict[str, Any]]) -> None:
+    doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "dataset_id": dataset_id, "entries": entries}
+    write_bytes_atomic(path, canonical_json(doc), mode=0o600)
 
 
 def spent_epsilon(

@@ -11,8 +11,8 @@ The pieces and who owns them:
 
 Randomness for sampling and noise comes from the operating system (``os.urandom``
 seeds), never from ``--seed``; a test-only ``noise_seed`` exists and is recorded in the
-receipt. Each step is written to the dataset's budget history *before* it runs, so a
-crash can never leave spent budget unrecorded.
+receipt. ``record_steps`` is called before each step runs, so a caller's budget history never
+lags behind the steps taken (``offsite.tune`` also reserves the whole run before it starts).
 """
 
 from __future__ import annotations
