@@ -217,7 +217,7 @@ def _train_private(inputs: TuneInputs, opts: TuneOptions, fingerprint: str, hype
                    on_step, on_epoch, on_plan, on_total) -> DPPlan:
     """Plan (or resume) and run DP-SGD; fills ``result.plan``, ``run_id`` and ``resumed_from``."""
     identity = {"bundle_id": inputs.bundle.id, "dataset_id": opts.dataset_id, "dataset_fingerprint": fingerprint,
-                "hyperparameters": hyper, "max_grad_norm": opts.max_grad_norm, "epsilon": opts.epsilon,
+                "hyperparameters": dict(hyper), "max_grad_norm": opts.max_grad_norm, "epsilon": opts.epsilon,
                 "delta": opts.delta, "noise_multiplier": opts.noise_multiplier, "noise_seed": opts.noise_seed}
     state = DPTrainState(state_dir_for(result.adapter_dir))
     if state.exists():
@@ -247,7 +247,6 @@ def _train_private(inputs: TuneInputs, opts: TuneOptions, fingerprint: str, hype
     train_dp(inputs.model, inputs.view.named_parameters(), inputs.train, plan, lr=opts.lr,
              pad_id=inputs.tokenizer.pad_token_id, shift=inputs.bundle.task is Task.CAUSAL_LM,
              physical_batch_size=opts.physical_batch_size,
-             record_steps=lambda n: history.record(opts.dataset_id, run_id, plan.entry(n), opts.budget_dir),
              state=state, identity={"identity": identity, "run_id": run_id, "plan": asdict(plan)},
              noise_seed=opts.noise_seed, checkpoint_every=opts.checkpoint_every, on_step=on_step,
              on_epoch=on_epoch)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from tiny import WORDS
+from tiny import WORDS, word_level_tokenizer
 
 from offsite.data import CLS, LM, MC, collate, lm_example, read_records
 from offsite.errors import DataError
-from offsite.models.tokenizer import word_level_tokenizer
 
 TOK = word_level_tokenizer(WORDS)
 

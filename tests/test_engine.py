@@ -56,7 +56,7 @@ def test_kept_indices_follow_the_reference_rule():
             kept = kept_middle_indices(m, k)
             expect = [0] if k == 1 else [round(i * (m - 1) / (k - 1)) for i in range(k)]
             assert kept == expect and len(set(kept)) == k
-            assert kept[0] == 0 and kept[-1] == m - 1 or k == 1
+            assert kept[0] == 0 and (k == 1 or kept[-1] == m - 1)
     assert emulator_layer_map(24, 2, 2, None) == [0, 1] + [2 + i for i in kept_middle_indices(20, 10)] + [22, 23]
 
 
@@ -199,6 +199,18 @@ def test_tampered_bundle_is_refused_before_loading(tmp_path):
     data[-1] ^= 1
     weights.write_bytes(bytes(data))
     with pytest.raises(IntegrityError, match="emulator/model.safetensors"):
+        Bundle.open(tmp_path / "b")
+
+
+def test_bundle_with_a_missing_or_an_unlisted_file_is_refused(tmp_path):
+    src = make_tiny_checkpoint(tmp_path / "m", "gpt2")
+    prepare(src, tmp_path / "b", PrepareOptions())
+    (tmp_path / "b" / "emulator" / "extra.safetensors").write_bytes(b"{}")
+    with pytest.raises(IntegrityError, match="does not list"):
+        Bundle.open(tmp_path / "b")
+    (tmp_path / "b" / "emulator" / "extra.safetensors").unlink()
+    (tmp_path / "b" / "initial_adapter.safetensors").unlink()
+    with pytest.raises(IntegrityError, match="initial_adapter.safetensors is missing"):
         Bundle.open(tmp_path / "b")
 
 

@@ -2,17 +2,41 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
     AutoModelForSequenceClassification,
+    PreTrainedTokenizerFast,
 )
 
-from offsite.models.tokenizer import word_level_tokenizer
+SPECIALS = ("<pad>", "<unk>", "<s>", "</s>", "<mask>", "<cls>", "<sep>")
+
+
+def word_level_tokenizer(words: Iterable[str]) -> PreTrainedTokenizerFast:
+    """A whitespace/punctuation word-level tokenizer over ``words`` plus the special tokens."""
+    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
+    for w in words:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        mask_token="<mask>",
+        cls_token="<cls>",
+        sep_token="<sep>",
+    )
+
 
 WORDS = ["the", "a", "cat", "dog", "sat", "on", "mat", "is", "red", "blue", "green", "big", "small", "and", "or", "not", "yes", "no", "one", "two", "three"]
 DECODERS = ("gpt2", "opt", "llama", "mistral", "qwen2", "bloom")

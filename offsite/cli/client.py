@@ -129,7 +129,7 @@ def cmd_budget(args: argparse.Namespace) -> int:
     rows = []
     for dataset_id in ids:
         entries = history.load_history(history.validate_dataset_id(dataset_id))
-        eps = accounting.epsilon(entries, accounting.validate_delta(args.delta))
+        eps = history.spent_epsilon(dataset_id, accounting.validate_delta(args.delta))
         rows.append({"dataset_id": dataset_id, "runs": len({e["run_id"] for e in entries}),
                      "steps": sum(e["steps"] for e in entries), "epsilon": eps.to_dict()})
     if args.json:

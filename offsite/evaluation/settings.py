@@ -28,6 +28,7 @@ from offsite.errors import OffsiteError
 from offsite.evaluation.metrics import classification_accuracy, multiple_choice_accuracy, token_perplexity
 from offsite.formats.adapter import read_adapter
 from offsite.formats.bundle import Bundle
+from offsite.models.adapters import task_of
 from offsite.models.loading import load_model, load_tokenizer
 from offsite.models.registry import Task
 
@@ -59,12 +60,6 @@ class Report:
     records: int
     rows: list[Row] = field(default_factory=list)
 
-    def metric(self, setting: str, name: str) -> float | None:
-        for r in self.rows:
-            if r.setting == setting and r.metrics:
-                return r.metrics.get(name)
-        return None
-
     def to_json(self) -> dict:
         return {"type": self.kind, "records": self.records,
                 "settings": {r.setting: r.metrics for r in self.rows},
@@ -85,8 +80,6 @@ def score(model: nn.Module, tokenizer, records: Sequence[Record], kind: str) -> 
 
 
 def _check_task(model: nn.Module, kind: str, where: Path) -> None:
-    from offsite.models.adapters import task_of
-
     if task_of(model) is not _TASK_FOR_KIND[kind]:
         raise OffsiteError(f"{where} is a {task_of(model).value} model; --type {kind} needs a "
                            f"{_TASK_FOR_KIND[kind].value} model")

@@ -128,14 +128,6 @@ class AdapterView:
                 p.copy_(tensors[name].to(p.dtype))
 
 
-def expected_tensor_table(view: AdapterView) -> dict[str, dict]:
-    """name -> {shape, dtype}: what a valid adapter for this bundle must contain."""
-    return {
-        name: {"shape": list(p.shape), "dtype": str(p.dtype).removeprefix("torch.")}
-        for name, p in sorted(view.named_parameters().items())
-    }
-
-
 def task_of(model: nn.Module) -> Task:
     arch = architecture_for(model.config.model_type)
     if not arch.is_encoder:

@@ -11,8 +11,8 @@ The pieces and who owns them:
 
 Randomness for sampling and noise comes from the operating system (``os.urandom``
 seeds), never from ``--seed``; a test-only ``noise_seed`` exists and is recorded in the
-receipt. ``record_steps`` is called before each step runs, so a caller's budget history never
-lags behind the steps taken (``offsite.tune`` also reserves the whole run before it starts).
+receipt. Budget is recorded before it is spent: ``offsite.tune`` reserves the whole run in the
+dataset's history; other callers can pass ``record_steps``, called before each step.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -143,7 +143,7 @@ def train_dp(
     pad_id: int,
     shift: bool,
     physical_batch_size: int,
-    record_steps: Callable[[int], None],
+    record_steps: Callable[[int], None] | None = None,
     state: DPTrainState | None = None,
     identity: dict | None = None,
     noise_seed: int | None = None,
@@ -153,8 +153,8 @@ def train_dp(
 ) -> None:
     """Run ``plan.steps`` DP-SGD steps on ``params`` (AdamW on the privatised gradient).
 
-    ``record_steps(n)`` must durably record that n steps of this run are spent; it is called
-    before step n runs.
+    ``record_steps(n)``, if given, is called before step n runs, to durably record spent steps;
+    callers that reserved the whole run beforehand (``offsite.tune``) pass nothing.
     """
     optimizer = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=0.0)
     start = state.load(identity, params, optimizer) if state is not None and state.exists() else 0
@@ -171,7 +171,8 @@ def train_dp(
     model.train()
     with clipper:
         for step, indices in enumerate(sampler, start=start + 1):
-            record_steps(step)
+            if record_steps:
+                record_steps(step)
             dp_optimizer.zero_grad(set_to_none=True)
             losses = []
             for i in range(0, max(len(indices), 1), physical_batch_size):
@@ -199,6 +200,3 @@ def train_dp(
                 model.train()
     model.eval()
 
-
-def plan_json(plan: DPPlan) -> dict:
-    return asdict(plan)

@@ -67,8 +67,7 @@ its own forward: negligible. Norm layers cost a few multiples of their (tiny) fo
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -552,14 +551,3 @@ class PerSampleClipper:
         self.last_costs.append(LayerCost(rec.name, "generic", 10 * batch * numel, 6 * batch * numel))
         return self._store_or_book(rec, total, sq)
 
-
-@contextlib.contextmanager
-def clipping(
-    model: nn.Module, max_grad_norm: float, mode: Mode = "fast", linear_norm: LinearNorm = "auto"
-) -> Iterator[PerSampleClipper]:
-    """``with clipping(model, C) as clipper: clipper.step(loss_fn)``; detaches on exit."""
-    clipper = PerSampleClipper(model, max_grad_norm, mode, linear_norm).attach()
-    try:
-        yield clipper
-    finally:
-        clipper.detach()
