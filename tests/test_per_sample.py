@@ -141,8 +141,11 @@ def loop_grads(model, family, ids, mask, labels) -> dict[str, torch.Tensor]:
     return {n: torch.stack(v) for n, v in out.items()}
 
 
-def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    scale = expected.abs().max().item()
+def close(actual: torch.Tensor, expected: torch.Tensor, scale: float | None = None) -> None:
+    """Equal up to float32 round-off. ``scale`` is the size of the gradients being compared (default:
+    this tensor's): a parameter whose gradient is zero in exact arithmetic (OPT's key bias, which
+    softmax ignores) holds pure round-off, which only the scale of the whole gradient can judge."""
+    scale = max(expected.abs().max().item(), scale or 0.0)
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=max(1e-6 * scale, 1e-12))
 
 
@@ -163,6 +166,7 @@ def test_matches_per_example_loop(family: str, kind: str) -> None:
 
     expected = loop_grads(model, family, ids, mask, labels)
     expected_norms = joint_norms(expected)
+    scale = max(g.abs().max().item() for g in expected.values())
     # Clip about half the samples so both branches of min(1, C/‖g‖) are exercised.
     clip = expected_norms.median().item()
     factors = (clip / (expected_norms + 1e-6)).clamp(max=1.0)
@@ -177,11 +181,11 @@ def test_matches_per_example_loop(family: str, kind: str) -> None:
     ref_norms = ref.step(loss_fn)
     assert set(ref.grad_samples) == set(params)
     for name in params:
-        close(ref.grad_samples[name], expected[name])
+        close(ref.grad_samples[name], expected[name], scale)
     close(ref_norms, expected_norms)
     ref_sum = {n: p.grad.clone() for n, p in params.items()}
     for name in params:
-        close(ref_sum[name], expected_sum[name])
+        close(ref_sum[name], expected_sum[name], scale)
 
     # 2. fast mode (mixed, all-ghost, all-materialised) equals reference mode.
     for policy in ("auto", "ghost", "materialise"):
@@ -189,7 +193,7 @@ def test_matches_per_example_loop(family: str, kind: str) -> None:
         fast = PerSampleClipper(model, clip, mode="fast", linear_norm=policy)
         close(fast.step(loss_fn), ref_norms)
         for name, p in params.items():
-            close(p.grad, ref_sum[name])
+            close(p.grad, ref_sum[name], scale)
 
     # 3. every clipped per-sample gradient lies within the ball of radius C.
     clipped = joint_norms(
