@@ -82,18 +82,47 @@ def build_model(family: str, shape: Shape):
     ffn = 4 * d
     common = dict(vocab_size=shape.vocab, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     kw = {
-        "gpt2": dict(n_embd=d, n_layer=L, n_head=h, n_inner=ffn, n_positions=shape.seq, resid_pdrop=0.0,
-                     embd_pdrop=0.0, attn_pdrop=0.0),
-        "opt": dict(hidden_size=d, num_hidden_layers=L, num_attention_heads=h, ffn_dim=ffn, word_embed_proj_dim=d,
-                    max_position_embeddings=shape.seq, dropout=0.0, attention_dropout=0.0),
+        "gpt2": dict(
+            n_embd=d,
+            n_layer=L,
+            n_head=h,
+            n_inner=ffn,
+            n_positions=shape.seq,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        ),
+        "opt": dict(
+            hidden_size=d,
+            num_hidden_layers=L,
+            num_attention_heads=h,
+            ffn_dim=ffn,
+            word_embed_proj_dim=d,
+            max_position_embeddings=shape.seq,
+            dropout=0.0,
+            attention_dropout=0.0,
+        ),
         # SwiGLU with 8/3·d (LLaMA's ratio) so the MLP matches the others' 4·d in size.
-        "llama": dict(hidden_size=d, num_hidden_layers=L, num_attention_heads=h, num_key_value_heads=h,
-                      intermediate_size=int(8 * d / 3 / 16 + 0.5) * 16, max_position_embeddings=shape.seq,
-                      tie_word_embeddings=False),
+        "llama": dict(
+            hidden_size=d,
+            num_hidden_layers=L,
+            num_attention_heads=h,
+            num_key_value_heads=h,
+            intermediate_size=int(8 * d / 3 / 16 + 0.5) * 16,
+            max_position_embeddings=shape.seq,
+            tie_word_embeddings=False,
+        ),
         "bloom": dict(hidden_size=d, n_layer=L, n_head=h, hidden_dropout=0.0, attention_dropout=0.0),
-        "bert": dict(hidden_size=d, num_hidden_layers=L, num_attention_heads=h, intermediate_size=ffn,
-                     max_position_embeddings=shape.seq, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                     num_labels=2),
+        "bert": dict(
+            hidden_size=d,
+            num_hidden_layers=L,
+            num_attention_heads=h,
+            intermediate_size=ffn,
+            max_position_embeddings=shape.seq,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            num_labels=2,
+        ),
     }[family]
     config = AutoConfig.for_model(family, **common, **kw)
     config._attn_implementation = "eager"
@@ -118,8 +147,16 @@ def split(batch: dict, size: int) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- worker
-def worker(family: str, kind: str, variant: str, logical: int, shape: Shape, warmup: int, steps: int,
-           count_flops: bool) -> dict:
+def worker(
+    family: str,
+    kind: str,
+    variant: str,
+    logical: int,
+    shape: Shape,
+    warmup: int,
+    steps: int,
+    count_flops: bool,
+) -> dict:
     import torch
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
@@ -140,10 +177,13 @@ def worker(family: str, kind: str, variant: str, logical: int, shape: Shape, war
     trim()
     model = build_model(family, shape)
     layers = tuple(range(shape.bottom)) + tuple(range(shape.layers - shape.top, shape.layers))
-    spec = AdapterSpec(kind=BLOCKS if kind == "blocks" else LORA, layers=layers,
-                       lora_rank=shape.lora_rank if kind == "lora" else None,
-                       lora_alpha=shape.lora_alpha if kind == "lora" else None,
-                       trains_head=family == "bert")
+    spec = AdapterSpec(
+        kind=BLOCKS if kind == "blocks" else LORA,
+        layers=layers,
+        lora_rank=shape.lora_rank if kind == "lora" else None,
+        lora_alpha=shape.lora_alpha if kind == "lora" else None,
+        trains_head=family == "bert",
+    )
     view = AdapterView(model, spec, identity_positions(shape.layers))
     view.attach()
     model.train()
@@ -157,6 +197,7 @@ def worker(family: str, kind: str, variant: str, logical: int, shape: Shape, war
     info: dict = {}
 
     if variant == "plain":
+
         def step(chunks):
             optimizer.zero_grad(set_to_none=True)
             for pb in chunks:
@@ -165,8 +206,14 @@ def worker(family: str, kind: str, variant: str, logical: int, shape: Shape, war
             optimizer.step()
 
     elif variant == "ours":
-        plan = DPPlan(noise_multiplier=sigma, sample_rate=0.01, steps=1000, delta=1e-6, max_grad_norm=C,
-                      expected_batch_size=logical)
+        plan = DPPlan(
+            noise_multiplier=sigma,
+            sample_rate=0.01,
+            steps=1000,
+            delta=1e-6,
+            max_grad_norm=C,
+            expected_batch_size=logical,
+        )
         dp_optimizer = make_dp_optimizer(optimizer, plan, torch.Generator().manual_seed(3))
         clipper = PerSampleClipper(model, C).attach()
 
@@ -174,10 +221,14 @@ def worker(family: str, kind: str, variant: str, logical: int, shape: Shape, war
             dp_optimizer.zero_grad(set_to_none=True)
             extra = 0
             for pb in chunks:
-                clipper.step(lambda pb=pb: per_sample_loss(model, pb, shift), batch_size=pb["input_ids"].shape[0])
+                clipper.step(
+                    lambda pb=pb: per_sample_loss(model, pb, shift), batch_size=pb["input_ids"].shape[0]
+                )
                 extra += sum(c.norm_flops for c in clipper.last_costs)
             info["norm_flops"] = extra
-            info["kinds"] = {k: sum(c.kind == k for c in clipper.last_costs) for k in ("ghost", "materialise", "generic")}
+            info["kinds"] = {
+                k: sum(c.kind == k for c in clipper.last_costs) for k in ("ghost", "materialise", "generic")
+            }
             dp_optimizer.step()
 
     else:
@@ -185,8 +236,14 @@ def worker(family: str, kind: str, variant: str, logical: int, shape: Shape, war
         from opacus.optimizers import DPOptimizer
 
         gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
-        dp_optimizer = DPOptimizer(optimizer, noise_multiplier=sigma, max_grad_norm=C, expected_batch_size=logical,
-                                   loss_reduction="mean", generator=torch.Generator().manual_seed(3))
+        dp_optimizer = DPOptimizer(
+            optimizer,
+            noise_multiplier=sigma,
+            max_grad_norm=C,
+            expected_batch_size=logical,
+            loss_reduction="mean",
+            generator=torch.Generator().manual_seed(3),
+        )
 
         def step(chunks):
             for i, pb in enumerate(chunks):
@@ -199,8 +256,13 @@ def worker(family: str, kind: str, variant: str, logical: int, shape: Shape, war
     trim()
     rss_before = rss_kib()
     hwm_reset = reset_peak()
-    out = {"family": family, "kind": kind, "variant": variant, "logical": logical,
-           "trainable": sum(p.numel() for p in params)}
+    out = {
+        "family": family,
+        "kind": kind,
+        "variant": variant,
+        "logical": logical,
+        "trainable": sum(p.numel() for p in params),
+    }
     try:
         for _ in range(warmup):
             step(warm)
@@ -252,17 +314,24 @@ def main() -> None:
     ap.add_argument("--steps-large", type=int, default=1, help="timed steps at larger logical batches")
     ap.add_argument("--rounds", type=int, default=1, help="repeat every cell this many times (interleaved)")
     ap.add_argument("--json", default=None, help="also write raw results here")
-    ap.add_argument("--from-json", nargs="+", default=None, metavar="FILE",
-                    help="print the table from saved --json results (runs of the same cell are pooled)")
-    ap.add_argument("--worker", nargs=5, metavar=("FAMILY", "KIND", "VARIANT", "LOGICAL", "OPTS"),
-                    help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--from-json",
+        nargs="+",
+        default=None,
+        metavar="FILE",
+        help="print the table from saved --json results (runs of the same cell are pooled)",
+    )
+    ap.add_argument(
+        "--worker", nargs=5, metavar=("FAMILY", "KIND", "VARIANT", "LOGICAL", "OPTS"), help=argparse.SUPPRESS
+    )
     args = ap.parse_args()
 
     if args.worker:
         family, kind, variant, logical, opts = args.worker
         o = json.loads(opts)
-        res = worker(family, kind, variant, int(logical), Shape(**o["shape"]), o["warmup"], o["steps"],
-                     o["flops"])
+        res = worker(
+            family, kind, variant, int(logical), Shape(**o["shape"]), o["warmup"], o["steps"], o["flops"]
+        )
         print(json.dumps(res))
         return
 
@@ -273,8 +342,11 @@ def main() -> None:
         if args.families == list(FAMILIES):
             args.families = ["llama", "opt"]
     steps_small = args.steps if args.steps is not None else (2 if args.quick else 3)
-    print(f"shape: {asdict(shape)}; physical batch {shape.physical}; batches {batches}; "
-          f"threads {os.environ.get('BENCH_THREADS', '1')}", flush=True)
+    print(
+        f"shape: {asdict(shape)}; physical batch {shape.physical}; batches {batches}; "
+        f"threads {os.environ.get('BENCH_THREADS', '1')}",
+        flush=True,
+    )
 
     results: dict[tuple, list[dict]] = {}
     cells = [(f, k, b) for b in batches for f in args.families for k in args.kinds]
@@ -295,14 +367,15 @@ def main() -> None:
             n += 1
             for v in order:
                 steps = steps_small if b <= shape.physical else args.steps_large
-                opts = {"shape": asdict(shape), "warmup": 1, "steps": steps,
-                        "flops": v == "plain" and r == 0}
+                opts = {"shape": asdict(shape), "warmup": 1, "steps": steps, "flops": v == "plain" and r == 0}
                 res = run_one([f, k, v, str(b), json.dumps(opts)])
                 results.setdefault((f, k, v, b), []).append(res)
                 t = statistics.median(res["times"]) if "times" in res else None
-                print(f"  [{time.time() - t_start:6.0f}s] {f:5} {k:6} {v:6} B={b:<4} "
-                      + (f"{t:.2f}s/step, +{res['growth_mib']:.0f} MiB" if t else res.get("error", "?")),
-                      flush=True)
+                print(
+                    f"  [{time.time() - t_start:6.0f}s] {f:5} {k:6} {v:6} B={b:<4} "
+                    + (f"{t:.2f}s/step, +{res['growth_mib']:.0f} MiB" if t else res.get("error", "?")),
+                    flush=True,
+                )
 
     if args.json and not args.from_json:
         with open(args.json, "w") as fh:
@@ -321,8 +394,10 @@ def main() -> None:
             "norm": next((r["norm_flops"] for r in runs if "norm_flops" in r), None),
         }, None
 
-    header = ("| family | adapter | B | plain s/step | plain MiB | floor | ours time (cpu) | ours mem "
-              "| Opacus hooks time (cpu) | Opacus mem |")
+    header = (
+        "| family | adapter | B | plain s/step | plain MiB | floor | ours time (cpu) | ours mem "
+        "| Opacus hooks time (cpu) | Opacus mem |"
+    )
     print()
     print(header)
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -330,15 +405,19 @@ def main() -> None:
         p, _ = agg(f, k, "plain", b)
         o, oerr = agg(f, k, "ours", b)
         h, herr = agg(f, k, "opacus", b)
-        floor = 1 + o["norm"] / p["flops"] if p and o and p.get("flops") and o.get("norm") is not None else None
+        floor = (
+            1 + o["norm"] / p["flops"] if p and o and p.get("flops") and o.get("norm") is not None else None
+        )
 
         def cell(x, err, p=p):
             if x is None:
                 return (f"fails: {err[:60]}" if err else "-"), "-"
             if p is None:
                 return f"{x['t']:.2f}s", f"{x['mem']:.0f} MiB"
-            return (f"{x['t'] / p['t']:.2f}× ({x['cpu'] / p['cpu']:.2f}×)",
-                    f"{x['mem'] / p['mem']:.2f}×" if p["mem"] > 0 else "-")
+            return (
+                f"{x['t'] / p['t']:.2f}× ({x['cpu'] / p['cpu']:.2f}×)",
+                f"{x['mem'] / p['mem']:.2f}×" if p["mem"] > 0 else "-",
+            )
 
         ot, om = cell(o, oerr) if "ours" in args.variants else ("-", "-")
         ht, hm = cell(h, herr) if "opacus" in args.variants else ("-", "-")

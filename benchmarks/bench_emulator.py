@@ -61,10 +61,12 @@ class Shape:
     lora_alpha: float = 16.0
 
 
-FULL_SHAPE = Shape(layers=24, hidden=256, heads=4, intermediate=688, vocab=1000, seq=128, batch=8,
-                   bottom=2, top=2, keep=8)
-QUICK_SHAPE = Shape(layers=8, hidden=64, heads=4, intermediate=172, vocab=1000, seq=32, batch=4,
-                    bottom=2, top=2, keep=2)
+FULL_SHAPE = Shape(
+    layers=24, hidden=256, heads=4, intermediate=688, vocab=1000, seq=128, batch=8, bottom=2, top=2, keep=8
+)
+QUICK_SHAPE = Shape(
+    layers=8, hidden=64, heads=4, intermediate=172, vocab=1000, seq=32, batch=4, bottom=2, top=2, keep=2
+)
 
 
 # --------------------------------------------------------------------------- worker
@@ -107,8 +109,9 @@ def worker(config: str, shape: Shape, warmup: int, steps: int, count_flops: bool
         if config == "emu-blocks":
             spec = AdapterSpec(kind=BLOCKS, layers=adapter_layers)
         else:
-            spec = AdapterSpec(kind=LORA, layers=adapter_layers, lora_rank=shape.lora_rank,
-                               lora_alpha=shape.lora_alpha)
+            spec = AdapterSpec(
+                kind=LORA, layers=adapter_layers, lora_rank=shape.lora_rank, lora_alpha=shape.lora_alpha
+            )
         AdapterView(model, spec, positions_from_layer_map(layer_map)).attach()
     assert model.config._attn_implementation == "eager", model.config._attn_implementation
     model.train()
@@ -209,8 +212,18 @@ def expected_flops(shape: Shape, config: str) -> int:
 # --------------------------------------------------------------------------- parent
 def run_worker(config: str, shape: Shape, warmup: int, steps: int, count_flops: bool) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="2", MKL_NUM_THREADS="2", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", config, "--shape", json.dumps(asdict(shape)),
-           "--warmup", str(warmup), "--steps", str(steps)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        config,
+        "--shape",
+        json.dumps(asdict(shape)),
+        "--warmup",
+        str(warmup),
+        "--steps",
+        str(steps),
+    ]
     if count_flops:
         cmd.append("--count-flops")
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
@@ -256,13 +269,15 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[dict]] = {c: [] for c in CONFIGS}
     t_start = time.perf_counter()
     for rnd in range(rounds):
-        order = CONFIGS[rnd % len(CONFIGS):] + CONFIGS[: rnd % len(CONFIGS)]
+        order = CONFIGS[rnd % len(CONFIGS) :] + CONFIGS[: rnd % len(CONFIGS)]
         for config in order:
             res = run_worker(config, shape, warmup, steps, count_flops=(rnd == 0))
             results[config].append(res)
-            print(f"  round {rnd + 1} {config:<10} median {statistics.median(res['times']) * 1e3:8.1f} ms/step, "
-                  f"peak overhead {res['peak_overhead_mib']:7.1f} MiB, total {res['peak_total_mib']:7.1f} MiB",
-                  flush=True)
+            print(
+                f"  round {rnd + 1} {config:<10} median {statistics.median(res['times']) * 1e3:8.1f} ms/step, "
+                f"peak overhead {res['peak_overhead_mib']:7.1f} MiB, total {res['peak_total_mib']:7.1f} MiB",
+                flush=True,
+            )
 
     rows = {}
     for config, runs in results.items():
@@ -280,10 +295,12 @@ def main(argv: list[str] | None = None) -> int:
         }
     full = rows["full"]
 
-    header = ("| config | blocks | trainable params | FLOPs/step | time/step median (min) | CPU time/step | "
-              "peak mem train overhead | peak mem total | FLOP ratio full/x | time ratio full/x median (min) | "
-              "CPU-time ratio full/x | mem ratio full/x overhead (total) | "
-              "measured speedup as % of FLOP ratio: median (min) [CPU] |")
+    header = (
+        "| config | blocks | trainable params | FLOPs/step | time/step median (min) | CPU time/step | "
+        "peak mem train overhead | peak mem total | FLOP ratio full/x | time ratio full/x median (min) | "
+        "CPU-time ratio full/x | mem ratio full/x overhead (total) | "
+        "measured speedup as % of FLOP ratio: median (min) [CPU] |"
+    )
     print()
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
@@ -302,9 +319,13 @@ def main(argv: list[str] | None = None) -> int:
     for config, row in rows.items():
         dev = 100 * (row["flops"] - row["expected"]) / row["expected"]
         medians = ", ".join(f"{m * 1e3:.0f}" for m in row["round_medians"])
-        print(f"{config:<10} counted {row['flops']:,} FLOPs vs closed form {row['expected']:,} ({dev:+.2f}%); "
-              f"per-round median ms/step: {medians}; median CPU ms/step {row['cpu'] * 1e3:.0f}")
-    print(f"load average at end (1/5/15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
+        print(
+            f"{config:<10} counted {row['flops']:,} FLOPs vs closed form {row['expected']:,} ({dev:+.2f}%); "
+            f"per-round median ms/step: {medians}; median CPU ms/step {row['cpu'] * 1e3:.0f}"
+        )
+    print(
+        f"load average at end (1/5/15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs"
+    )
     print(f"wall time {time.perf_counter() - t_start:.0f} s")
     return 0
 

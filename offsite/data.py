@@ -177,7 +177,9 @@ def lm_example(tokenizer, r: Record, max_length: int) -> Example:
         prompt = bos + _encode(tokenizer, r.fields["prompt"])
         completion = _encode(tokenizer, r.fields["completion"])
         if len(prompt) + len(completion) > max_length:
-            warnings.warn(f"{r.source}: prompt truncated from the left to fit {max_length} tokens", stacklevel=2)
+            warnings.warn(
+                f"{r.source}: prompt truncated from the left to fit {max_length} tokens", stacklevel=2
+            )
             keep = max(max_length - len(completion), 1)
             prompt = prompt[-keep:]
             completion = completion[: max_length - len(prompt)]
@@ -197,7 +199,9 @@ def cls_example(tokenizer, r: Record, max_length: int, num_labels: int) -> Examp
     return Example(ids, label, r.source)
 
 
-def mlm_example(tokenizer, r: Record, max_length: int, generator: torch.Generator, rate: float = 0.15) -> Example:
+def mlm_example(
+    tokenizer, r: Record, max_length: int, generator: torch.Generator, rate: float = 0.15
+) -> Example:
     """Mask ``rate`` of the non-special tokens (at least one) with the mask token."""
     ids = tokenizer(r.fields["text"], truncation=True, max_length=max_length)["input_ids"]
     special = set(tokenizer.all_special_ids)
@@ -234,8 +238,14 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
     return batch
 
 
-def make_examples(kind: str, records: Sequence[Record], tokenizer, max_length: int,
-                  num_labels: int | None = None, mask_seed: int = 0) -> list[Example]:
+def make_examples(
+    kind: str,
+    records: Sequence[Record],
+    tokenizer,
+    max_length: int,
+    num_labels: int | None = None,
+    mask_seed: int = 0,
+) -> list[Example]:
     """Records -> examples for ``kind`` (lm, cls or mlm); MLM masks with ``mask_seed`` so runs repeat."""
     if kind == LM:
         return [lm_example(tokenizer, r, max_length) for r in records]

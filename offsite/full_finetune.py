@@ -19,9 +19,15 @@ from offsite.training.finetune import TrainConfig, train
 from offsite.tune import data_kind
 
 
-def finetune_full(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike,
-                  cfg: TrainConfig, num_labels: int | None = None, max_length: int | None = None,
-                  on_step: Callable[[int, float], None] | None = None) -> None:
+def finetune_full(
+    model_dir: str | os.PathLike,
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    cfg: TrainConfig,
+    num_labels: int | None = None,
+    max_length: int | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> None:
     model_dir = Path(model_dir)
     check_new_output(out)
     task = task_from_config(load_config(model_dir), num_labels)
@@ -32,8 +38,15 @@ def finetune_full(model_dir: str | os.PathLike, data: str | os.PathLike, out: st
     limit = min(max_length or max_positions(model.config), max_positions(model.config))
     examples = make_examples(data_kind(task), records, tokenizer, limit, num_labels)
     model.requires_grad_(True)
-    train(model, model.parameters(), examples, cfg, pad_id=tokenizer.pad_token_id,
-          shift=task is Task.CAUSAL_LM, on_step=on_step)
+    train(
+        model,
+        model.parameters(),
+        examples,
+        cfg,
+        pad_id=tokenizer.pad_token_id,
+        shift=task is Task.CAUSAL_LM,
+        on_step=on_step,
+    )
     with staged_directory(out) as stage:
         model.save_pretrained(stage, safe_serialization=True)
         tokenizer.save_pretrained(stage)

@@ -24,17 +24,27 @@ class PlugResult:
     peft_dir: Path | None
 
 
-def plug(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out: str | os.PathLike,
-         bundle_dir: str | os.PathLike | None = None) -> PlugResult:
+def plug(
+    model_dir: str | os.PathLike,
+    adapter_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    bundle_dir: str | os.PathLike | None = None,
+) -> PlugResult:
     """Check ``adapter_dir`` against the bundle it claims and ``model_dir``, then write the merged model."""
     model_dir, adapter_dir, out = Path(model_dir), Path(adapter_dir), check_new_output(out)
     claimed = read_json(adapter_dir / META_FILE, "adapter metadata").get("bundle_id")
     manifest = issued_manifest(str(claimed), bundle_dir)
     fingerprint = model_fingerprint(model_dir)
     if manifest["source"]["fingerprint"] != fingerprint:
-        raise MismatchError(f"bundle {claimed[:12]}… was not prepared from {model_dir} (fingerprint mismatch)")
-    adapter = read_adapter(adapter_dir, expected_tensors=manifest["adapter"]["tensors"], bundle_id=claimed,
-                           source_fingerprint=fingerprint)
+        raise MismatchError(
+            f"bundle {claimed[:12]}… was not prepared from {model_dir} (fingerprint mismatch)"
+        )
+    adapter = read_adapter(
+        adapter_dir,
+        expected_tensors=manifest["adapter"]["tensors"],
+        bundle_id=claimed,
+        source_fingerprint=fingerprint,
+    )
     spec = AdapterSpec.from_json(manifest["adapter"]["spec"])
     task = Task(manifest["source"]["task"])
     model = load_model(model_dir, task=task, dtype="auto", num_labels=manifest["source"].get("num_labels"))
@@ -47,8 +57,16 @@ def plug(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out: str 
         merge(model)
         model.save_pretrained(stage, safe_serialization=True)
         load_tokenizer(model_dir).save_pretrained(stage)
-        write_bytes_atomic(stage / "offsite_plug.json", canonical_json({
-            "bundle_id": claimed, "source_fingerprint": fingerprint,
-            "adapter_sha256": adapter.meta["sha256"], "kind": spec.kind, "layers": list(spec.layers),
-        }))
+        write_bytes_atomic(
+            stage / "offsite_plug.json",
+            canonical_json(
+                {
+                    "bundle_id": claimed,
+                    "source_fingerprint": fingerprint,
+                    "adapter_sha256": adapter.meta["sha256"],
+                    "kind": spec.kind,
+                    "layers": list(spec.layers),
+                }
+            ),
+        )
     return PlugResult(claimed, spec.kind, list(spec.layers), peft_dir)

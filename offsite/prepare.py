@@ -72,20 +72,42 @@ def _distill_examples(path: Path, tokenizer, config, task: Task) -> tuple[list[E
     return examples[: len(examples) - held] or examples, examples[len(examples) - held :]
 
 
-def _distill(model, emulator, layer_map: list[int], tokenizer, config, task: Task, opts: PrepareOptions,
-             on_step: Callable[[int, float], None] | None) -> dict:
+def _distill(
+    model,
+    emulator,
+    layer_map: list[int],
+    tokenizer,
+    config,
+    task: Task,
+    opts: PrepareOptions,
+    on_step: Callable[[int, float], None] | None,
+) -> dict:
     """Distil the emulator's kept middle blocks in place; return what the manifest records."""
     cfg = opts.distill or DistillConfig()
     train_ex, held_ex = _distill_examples(opts.distill_data, tokenizer, config, task)
     shift, pad = task is Task.CAUSAL_LM, tokenizer.pad_token_id
-    distiller = Distiller(model, emulator, layer_map, opts.adapter_bottom, opts.adapter_top, cfg, pad_id=pad,
-                          shift=shift, use_lm=task is Task.CAUSAL_LM)
+    distiller = Distiller(
+        model,
+        emulator,
+        layer_map,
+        opts.adapter_bottom,
+        opts.adapter_top,
+        cfg,
+        pad_id=pad,
+        shift=shift,
+        use_lm=task is Task.CAUSAL_LM,
+    )
     eval_set = held_ex or train_ex[:64]
     kd_before, ppl_before = distiller.mean_kd(eval_set), token_perplexity(emulator, eval_set, pad, shift)
     final_kd = distiller.train(train_ex, on_step=on_step, checkpoint=opts.distill_checkpoint)
     return {
-        "steps": cfg.steps, "lr": cfg.lr, "batch_size": cfg.batch_size, "lm_weight": cfg.lm_weight,
-        "kd_weight": cfg.kd_weight, "final_kd_loss": final_kd, "held_out_records": len(eval_set),
+        "steps": cfg.steps,
+        "lr": cfg.lr,
+        "batch_size": cfg.batch_size,
+        "lm_weight": cfg.lm_weight,
+        "kd_weight": cfg.kd_weight,
+        "final_kd_loss": final_kd,
+        "held_out_records": len(eval_set),
         "held_out_kd": {"before": kd_before, "after": distiller.mean_kd(eval_set)},
         "held_out_perplexity": {
             "full": token_perplexity(model, eval_set, pad, shift),
@@ -95,8 +117,12 @@ def _distill(model, emulator, layer_map: list[int], tokenizer, config, task: Tas
     }
 
 
-def prepare(model_dir: str | os.PathLike, out: str | os.PathLike, opts: PrepareOptions,
-            on_distill_step: Callable[[int, float], None] | None = None) -> PrepareResult:
+def prepare(
+    model_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    opts: PrepareOptions,
+    on_distill_step: Callable[[int, float], None] | None = None,
+) -> PrepareResult:
     model_dir = Path(model_dir)
     check_new_output(out)
     config = load_config(model_dir)
@@ -120,8 +146,9 @@ def prepare(model_dir: str | os.PathLike, out: str | os.PathLike, opts: PrepareO
     torch.manual_seed(opts.seed)  # a new classification head and LoRA matrices are drawn here
     # Files keep the checkpoint's dtype; distillation runs in fp32.
     distilling = opts.distill_data is not None
-    model = load_model(model_dir, task=task, dtype=torch.float32 if distilling else "auto",
-                       num_labels=opts.num_labels)
+    model = load_model(
+        model_dir, task=task, dtype=torch.float32 if distilling else "auto", num_labels=opts.num_labels
+    )
     stored_dtype = stored_dtype_of(model_dir)
     tokenizer = load_tokenizer(model_dir)
     emulator = build_emulator(model, layer_map)
@@ -147,8 +174,15 @@ def prepare(model_dir: str | os.PathLike, out: str | os.PathLike, opts: PrepareO
         "config": {k: v for k, v in config.to_dict().items() if k != "_name_or_path"},
     }
     with staged_directory(out) as stage:
-        bundle_id = write_bundle(stage, emulator=emulator, tokenizer=tokenizer, view=view, layer_map=layer_map,
-                                 source=source, distillation=distillation)
+        bundle_id = write_bundle(
+            stage,
+            emulator=emulator,
+            tokenizer=tokenizer,
+            view=view,
+            layer_map=layer_map,
+            source=source,
+            distillation=distillation,
+        )
     record_issued(Path(out), bundle_id, opts.owner_dir)
     return PrepareResult(bundle_id, layer_map, distillation)
 

@@ -135,11 +135,16 @@ def state_dir_for(out: Path) -> Path:
 
 
 # -- the run ----------------------------------------------------------------------------
-def tune(bundle_dir: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, opts: TuneOptions,
-         on_step: Callable[[int, float], None] | None = None,
-         on_eval: Callable[[int, float], None] | None = None,
-         on_plan: Callable[[DPPlan], None] | None = None,
-         on_total: Callable[[int], None] | None = None) -> TuneResult:
+def tune(
+    bundle_dir: str | os.PathLike,
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    opts: TuneOptions,
+    on_step: Callable[[int, float], None] | None = None,
+    on_eval: Callable[[int, float], None] | None = None,
+    on_plan: Callable[[DPPlan], None] | None = None,
+    on_total: Callable[[int], None] | None = None,
+) -> TuneResult:
     """Fine-tune the adapter of ``bundle_dir`` on ``data``; write ``out`` (adapter, and under DP the receipt).
 
     Every check that can fail (output exists, keys, dataset id, bundle integrity, data, budget)
@@ -158,8 +163,14 @@ def tune(bundle_dir: str | os.PathLike, data: str | os.PathLike, out: str | os.P
     shift = inputs.bundle.task is Task.CAUSAL_LM
     pad = inputs.tokenizer.pad_token_id
     result = TuneResult(out, inputs.bundle.id)
-    hyper = {"epochs": opts.epochs, "lr": opts.lr, "batch_size": opts.batch_size, "seed": opts.seed,
-             "max_length": opts.max_length, "dp": opts.dp}
+    hyper = {
+        "epochs": opts.epochs,
+        "lr": opts.lr,
+        "batch_size": opts.batch_size,
+        "seed": opts.seed,
+        "max_length": opts.max_length,
+        "dp": opts.dp,
+    }
 
     def on_epoch(epoch: int) -> None:
         if inputs.eval:
@@ -171,26 +182,52 @@ def tune(bundle_dir: str | os.PathLike, data: str | os.PathLike, out: str | os.P
     if opts.dp:
         fingerprint = dataset_fingerprint([r.raw for r in inputs.records], keys.salt)
         plan = _train_private(inputs, opts, fingerprint, hyper, result, on_step, on_epoch, on_plan, on_total)
-        hyper.update({"max_grad_norm": plan.max_grad_norm, "noise_multiplier": plan.noise_multiplier,
-                      "sample_rate": plan.sample_rate, "steps": plan.steps, "delta": plan.delta})
+        hyper.update(
+            {
+                "max_grad_norm": plan.max_grad_norm,
+                "noise_multiplier": plan.noise_multiplier,
+                "sample_rate": plan.sample_rate,
+                "steps": plan.steps,
+                "delta": plan.delta,
+            }
+        )
     else:
         if on_total:
             on_total(opts.epochs * -(-len(inputs.train) // opts.batch_size))
         cfg = TrainConfig(epochs=opts.epochs, lr=opts.lr, batch_size=opts.batch_size, seed=opts.seed)
-        train(inputs.model, inputs.view.named_parameters().values(), inputs.train, cfg, pad_id=pad, shift=shift,
-              on_step=on_step, on_epoch=on_epoch)
+        train(
+            inputs.model,
+            inputs.view.named_parameters().values(),
+            inputs.train,
+            cfg,
+            pad_id=pad,
+            shift=shift,
+            on_step=on_step,
+            on_epoch=on_epoch,
+        )
     with staged_directory(out) as stage:
-        meta = write_adapter(stage, adapter_tensors_for_export(inputs.view, inputs.bundle),
-                             spec=inputs.bundle.spec, bundle_id=inputs.bundle.id,
-                             source_fingerprint=inputs.bundle.source_fingerprint, hyperparameters=hyper)
+        meta = write_adapter(
+            stage,
+            adapter_tensors_for_export(inputs.view, inputs.bundle),
+            spec=inputs.bundle.spec,
+            bundle_id=inputs.bundle.id,
+            source_fingerprint=inputs.bundle.source_fingerprint,
+            hyperparameters=hyper,
+        )
         if opts.dp:
             receipt = build_receipt(
                 run_history=[result.plan.entry(result.plan.steps)],
                 cumulative_history=history.load_history(opts.dataset_id, opts.budget_dir),
-                delta=result.plan.delta, max_grad_norm=result.plan.max_grad_norm, dataset_id=opts.dataset_id,
-                dataset_fingerprint=fingerprint, adapter_sha256=meta["sha256"][TENSORS_FILE],
-                bundle_id=inputs.bundle.id, signer_public_key=keys.private_key.public_key(),
-                run_id=result.run_id, noise_seed=opts.noise_seed)
+                delta=result.plan.delta,
+                max_grad_norm=result.plan.max_grad_norm,
+                dataset_id=opts.dataset_id,
+                dataset_fingerprint=fingerprint,
+                adapter_sha256=meta["sha256"][TENSORS_FILE],
+                bundle_id=inputs.bundle.id,
+                signer_public_key=keys.private_key.public_key(),
+                run_id=result.run_id,
+                noise_seed=opts.noise_seed,
+            )
             write_receipt(stage, receipt, keys.private_key)
             result.receipt = receipt
     if opts.dp:
@@ -209,32 +246,60 @@ class DataOwnerKeys:
         """The signing key and dataset salt; a DP run needs both for its receipt."""
         paths = crypto.KeyPaths.in_dir(keys_dir or default_client_dir())
         if not paths.private_key.is_file() or not paths.salt.is_file():
-            raise DataError(f"no signing key in {paths.private_key.parent}: run `offsite client keys init` first")
+            raise DataError(
+                f"no signing key in {paths.private_key.parent}: run `offsite client keys init` first"
+            )
         return cls(crypto.load_private_key(paths.private_key), crypto.load_salt(paths.salt))
 
 
-def _train_private(inputs: TuneInputs, opts: TuneOptions, fingerprint: str, hyper: dict, result: TuneResult,
-                   on_step, on_epoch, on_plan, on_total) -> DPPlan:
+def _train_private(
+    inputs: TuneInputs,
+    opts: TuneOptions,
+    fingerprint: str,
+    hyper: dict,
+    result: TuneResult,
+    on_step,
+    on_epoch,
+    on_plan,
+    on_total,
+) -> DPPlan:
     """Plan (or resume) and run DP-SGD; fills ``result.plan``, ``run_id`` and ``resumed_from``."""
-    identity = {"bundle_id": inputs.bundle.id, "dataset_id": opts.dataset_id, "dataset_fingerprint": fingerprint,
-                "hyperparameters": dict(hyper), "max_grad_norm": opts.max_grad_norm, "epsilon": opts.epsilon,
-                "delta": opts.delta, "noise_multiplier": opts.noise_multiplier, "noise_seed": opts.noise_seed}
+    identity = {
+        "bundle_id": inputs.bundle.id,
+        "dataset_id": opts.dataset_id,
+        "dataset_fingerprint": fingerprint,
+        "hyperparameters": dict(hyper),
+        "max_grad_norm": opts.max_grad_norm,
+        "epsilon": opts.epsilon,
+        "delta": opts.delta,
+        "noise_multiplier": opts.noise_multiplier,
+        "noise_seed": opts.noise_seed,
+    }
     state = DPTrainState(state_dir_for(result.adapter_dir))
     if state.exists():
         # An interrupted run keeps its run id and σ; its recorded steps are never reset.
         meta = state.read_meta()
         if meta.get("identity", {}).get("identity") != identity:
-            raise DataError(f"{state.directory} holds an interrupted run with other inputs or settings; "
-                            "remove it to start over (its spent budget stays recorded)")
+            raise DataError(
+                f"{state.directory} holds an interrupted run with other inputs or settings; "
+                "remove it to start over (its spent budget stays recorded)"
+            )
         run_id, plan = meta["identity"]["run_id"], DPPlan(**meta["identity"]["plan"])
         result.resumed_from = int(meta["step"])
     else:
         run_id = uuid.uuid4().hex
 
         def plan_against(prior: list[dict]) -> tuple[dict, DPPlan]:
-            p = make_plan(len(inputs.train), opts.batch_size, opts.epochs, prior_history=prior,
-                          epsilon=opts.epsilon, delta=opts.delta, noise_multiplier=opts.noise_multiplier,
-                          max_grad_norm=opts.max_grad_norm)
+            p = make_plan(
+                len(inputs.train),
+                opts.batch_size,
+                opts.epochs,
+                prior_history=prior,
+                epsilon=opts.epsilon,
+                delta=opts.delta,
+                noise_multiplier=opts.noise_multiplier,
+                max_grad_norm=opts.max_grad_norm,
+            )
             return p.entry(p.steps), p
 
         # The whole run is reserved before it starts, so concurrent runs cannot overspend together.
@@ -244,10 +309,20 @@ def _train_private(inputs: TuneInputs, opts: TuneOptions, fingerprint: str, hype
         on_plan(plan)
     if on_total:
         on_total(plan.steps)
-    train_dp(inputs.model, inputs.view.named_parameters(), inputs.train, plan, lr=opts.lr,
-             pad_id=inputs.tokenizer.pad_token_id, shift=inputs.bundle.task is Task.CAUSAL_LM,
-             physical_batch_size=opts.physical_batch_size,
-             state=state, identity={"identity": identity, "run_id": run_id, "plan": asdict(plan)},
-             noise_seed=opts.noise_seed, checkpoint_every=opts.checkpoint_every, on_step=on_step,
-             on_epoch=on_epoch)
+    train_dp(
+        inputs.model,
+        inputs.view.named_parameters(),
+        inputs.train,
+        plan,
+        lr=opts.lr,
+        pad_id=inputs.tokenizer.pad_token_id,
+        shift=inputs.bundle.task is Task.CAUSAL_LM,
+        physical_batch_size=opts.physical_batch_size,
+        state=state,
+        identity={"identity": identity, "run_id": run_id, "plan": asdict(plan)},
+        noise_seed=opts.noise_seed,
+        checkpoint_every=opts.checkpoint_every,
+        on_step=on_step,
+        on_epoch=on_epoch,
+    )
     return plan

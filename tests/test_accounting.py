@@ -24,7 +24,8 @@ def _dp_accounting_eps(history_: list[dict], delta: float) -> tuple[float, float
     event = dpa.ComposedDpEvent(
         [
             dpa.SelfComposedDpEvent(
-                dpa.PoissonSampledDpEvent(e["sample_rate"], dpa.GaussianDpEvent(e["noise_multiplier"])), e["steps"]
+                dpa.PoissonSampledDpEvent(e["sample_rate"], dpa.GaussianDpEvent(e["noise_multiplier"])),
+                e["steps"],
             )
             for e in history_
         ]
@@ -113,10 +114,42 @@ def test_sigma_out_of_range():
 @pytest.mark.parametrize(
     ("entry", "field"),
     [
-        ({"mechanism": "poisson-subsampled-gaussian", "noise_multiplier": -1.0, "sample_rate": 0.1, "steps": 1}, "noise_multiplier"),
-        ({"mechanism": "poisson-subsampled-gaussian", "noise_multiplier": 1.0, "sample_rate": 1.5, "steps": 1}, "sample_rate"),
-        ({"mechanism": "poisson-subsampled-gaussian", "noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 1.5}, "steps"),
-        ({"mechanism": "poisson-subsampled-gaussian", "noise_multiplier": 1.0, "sample_rate": True, "steps": 1}, "sample_rate"),
+        (
+            {
+                "mechanism": "poisson-subsampled-gaussian",
+                "noise_multiplier": -1.0,
+                "sample_rate": 0.1,
+                "steps": 1,
+            },
+            "noise_multiplier",
+        ),
+        (
+            {
+                "mechanism": "poisson-subsampled-gaussian",
+                "noise_multiplier": 1.0,
+                "sample_rate": 1.5,
+                "steps": 1,
+            },
+            "sample_rate",
+        ),
+        (
+            {
+                "mechanism": "poisson-subsampled-gaussian",
+                "noise_multiplier": 1.0,
+                "sample_rate": 0.1,
+                "steps": 1.5,
+            },
+            "steps",
+        ),
+        (
+            {
+                "mechanism": "poisson-subsampled-gaussian",
+                "noise_multiplier": 1.0,
+                "sample_rate": True,
+                "steps": 1,
+            },
+            "sample_rate",
+        ),
         ({"mechanism": "laplace", "noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 1}, "mechanism"),
         ({"noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 1}, "mechanism"),
     ],
@@ -226,7 +259,10 @@ def test_reservations_on_one_dataset_are_serialised(tmp_path):
 
         history.reserve("shared", run_id, plan, tmp_path)
 
-    threads = [threading.Thread(target=start, args=("first", 0.0)), threading.Thread(target=start, args=("second", 0.1))]
+    threads = [
+        threading.Thread(target=start, args=("first", 0.0)),
+        threading.Thread(target=start, args=("second", 0.1)),
+    ]
     for t in threads:
         t.start()
     for t in threads:

@@ -13,8 +13,13 @@ from tiny import WORDS, make_tiny_checkpoint
 
 
 def run(*args, env, check=True):
-    proc = subprocess.run([sys.executable, "-m", "offsite.cli.main", *map(str, args)], capture_output=True,
-                          text=True, env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "offsite.cli.main", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"offsite {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")
     return proc
@@ -23,15 +28,24 @@ def run(*args, env, check=True):
 @pytest.fixture
 def env(tmp_path):
     e = dict(os.environ)
-    e.update(OFFSITE_CLIENT_DIR=str(tmp_path / "client"), OFFSITE_OWNER_DIR=str(tmp_path / "owner"),
-             COLUMNS="200")
+    e.update(
+        OFFSITE_CLIENT_DIR=str(tmp_path / "client"), OFFSITE_OWNER_DIR=str(tmp_path / "owner"), COLUMNS="200"
+    )
     return e
 
 
 def test_help_for_every_role(env):
-    for args in (["--help"], ["owner", "prepare", "--help"], ["owner", "plug", "--help"], ["client", "train", "--help"],
-                 ["client", "keys", "init", "--help"], ["client", "budget", "--help"], ["eval", "--help"], ["audit", "receipt", "--help"],
-                 ["demo", "--help"]):
+    for args in (
+        ["--help"],
+        ["owner", "prepare", "--help"],
+        ["owner", "plug", "--help"],
+        ["client", "train", "--help"],
+        ["client", "keys", "init", "--help"],
+        ["client", "budget", "--help"],
+        ["eval", "--help"],
+        ["audit", "receipt", "--help"],
+        ["demo", "--help"],
+    ):
         assert run(*args, env=env).stdout.strip()
     assert "--epsilon" in run("client", "train", "--help", env=env).stdout
 
@@ -42,51 +56,161 @@ def test_whole_flow_from_the_command_line(tmp_path, env):
     public = tmp_path / "public.txt"
     public.write_text("".join(" ".join(rng.choices(WORDS, k=8)) + "\n" for _ in range(40)))
     train = tmp_path / "train.jsonl"
-    train.write_text("".join(json.dumps({"prompt": " ".join(rng.choices(WORDS, k=4)),
-                                         "completion": " ".join(rng.choices(WORDS, k=2))}) + "\n" for _ in range(80)))
+    train.write_text(
+        "".join(
+            json.dumps(
+                {"prompt": " ".join(rng.choices(WORDS, k=4)), "completion": " ".join(rng.choices(WORDS, k=2))}
+            )
+            + "\n"
+            for _ in range(80)
+        )
+    )
     task = tmp_path / "task.jsonl"
-    task.write_text("".join(json.dumps({"question": " ".join(rng.choices(WORDS, k=4)), "choices": ["red", "blue"],
-                                        "answer": i % 2}) + "\n" for i in range(10)))
+    task.write_text(
+        "".join(
+            json.dumps(
+                {"question": " ".join(rng.choices(WORDS, k=4)), "choices": ["red", "blue"], "answer": i % 2}
+            )
+            + "\n"
+            for i in range(10)
+        )
+    )
 
     run("client", "keys", "init", env=env)
-    prep = json.loads(run("owner", "prepare", model, "--out", tmp_path / "bundle", "--lora-rank", "4",
-                          "--distill-data", public, "--distill-steps", "4", "--json", env=env).stdout)
+    prep = json.loads(
+        run(
+            "owner",
+            "prepare",
+            model,
+            "--out",
+            tmp_path / "bundle",
+            "--lora-rank",
+            "4",
+            "--distill-data",
+            public,
+            "--distill-steps",
+            "4",
+            "--json",
+            env=env,
+        ).stdout
+    )
     assert prep["layer_map"] == [0, 1, 2, 4, 5] and prep["distillation"]["steps"] == 4
 
-    out = json.loads(run("client", "train", tmp_path / "bundle", "--data", train, "--out", tmp_path / "adapter",
-                         "--dataset-id", "clinic-1", "--epsilon", "6", "--epochs", "1", "--batch-size", "16",
-                         "--json", env=env).stdout)
+    out = json.loads(
+        run(
+            "client",
+            "train",
+            tmp_path / "bundle",
+            "--data",
+            train,
+            "--out",
+            tmp_path / "adapter",
+            "--dataset-id",
+            "clinic-1",
+            "--epsilon",
+            "6",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "16",
+            "--json",
+            env=env,
+        ).stdout
+    )
     assert out["epsilon"]["cumulative"]["prv_upper"] <= 6 and out["plan"]["steps"] == 5
     assert (tmp_path / "adapter" / "receipt.sig").is_file()
     budget = json.loads(run("client", "budget", "--delta", out["delta"], "--json", env=env).stdout)
     assert [d["dataset_id"] for d in budget["datasets"]] == ["clinic-1"]
-    assert abs(budget["datasets"][0]["epsilon"]["prv_upper"] - out["epsilon"]["cumulative"]["prv_upper"]) < 1e-6
+    assert (
+        abs(budget["datasets"][0]["epsilon"]["prv_upper"] - out["epsilon"]["cumulative"]["prv_upper"]) < 1e-6
+    )
 
     pub = tmp_path / "client" / "signing_key.pub.pem"
-    audit = json.loads(run("audit", "receipt", tmp_path / "adapter" / "receipt.json", "--adapter",
-                           tmp_path / "adapter", "--pubkey", pub, "--json", env=env).stdout)
+    audit = json.loads(
+        run(
+            "audit",
+            "receipt",
+            tmp_path / "adapter" / "receipt.json",
+            "--adapter",
+            tmp_path / "adapter",
+            "--pubkey",
+            pub,
+            "--json",
+            env=env,
+        ).stdout
+    )
     assert audit["ok"] is True
 
-    plug = json.loads(run("owner", "plug", model, tmp_path / "adapter", "--out", tmp_path / "merged", "--json",
-                          env=env).stdout)
+    plug = json.loads(
+        run(
+            "owner", "plug", model, tmp_path / "adapter", "--out", tmp_path / "merged", "--json", env=env
+        ).stdout
+    )
     assert plug["kind"] == "lora" and plug["layers"] == [0, 1, 4, 5]
 
-    report = json.loads(run("eval", "--task", task, "--type", "mc", "--model", model, "--bundle", tmp_path / "bundle",
-                            "--adapter", tmp_path / "adapter", "--merged", tmp_path / "merged", "--json",
-                            env=env).stdout)
+    report = json.loads(
+        run(
+            "eval",
+            "--task",
+            task,
+            "--type",
+            "mc",
+            "--model",
+            model,
+            "--bundle",
+            tmp_path / "bundle",
+            "--adapter",
+            tmp_path / "adapter",
+            "--merged",
+            tmp_path / "merged",
+            "--json",
+            env=env,
+        ).stdout
+    )
     settings = report["settings"]
     assert settings["full fine-tuned"] is None
-    assert all(0 <= settings[s]["acc"] <= 1 for s in ("full zero-shot", "emulator zero-shot",
-                                                       "emulator fine-tuned", "plug-in"))
+    assert all(
+        0 <= settings[s]["acc"] <= 1
+        for s in ("full zero-shot", "emulator zero-shot", "emulator fine-tuned", "plug-in")
+    )
 
     # A total budget below what the dataset already spent is refused: clear message, exit code 2.
-    again = run("client", "train", tmp_path / "bundle", "--data", train, "--out", tmp_path / "adapter2",
-                "--dataset-id", "clinic-1", "--epsilon", "5", "--epochs", "1", "--batch-size", "16", env=env,
-                check=False)
+    again = run(
+        "client",
+        "train",
+        tmp_path / "bundle",
+        "--data",
+        train,
+        "--out",
+        tmp_path / "adapter2",
+        "--dataset-id",
+        "clinic-1",
+        "--epsilon",
+        "5",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        env=env,
+        check=False,
+    )
     assert again.returncode == 2 and "already spent" in again.stderr and "Traceback" not in again.stderr
     assert not (tmp_path / "adapter2").exists()
 
     # --no-dp must be asked for, and says so loudly.
-    nodp = run("client", "train", tmp_path / "bundle", "--data", train, "--out", tmp_path / "adapter3", "--no-dp",
-               "--epochs", "1", env=env)
-    assert "DIFFERENTIAL PRIVACY IS OFF" in nodp.stderr and not (tmp_path / "adapter3" / "receipt.json").exists()
+    nodp = run(
+        "client",
+        "train",
+        tmp_path / "bundle",
+        "--data",
+        train,
+        "--out",
+        tmp_path / "adapter3",
+        "--no-dp",
+        "--epochs",
+        "1",
+        env=env,
+    )
+    assert (
+        "DIFFERENTIAL PRIVACY IS OFF" in nodp.stderr and not (tmp_path / "adapter3" / "receipt.json").exists()
+    )

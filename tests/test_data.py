@@ -29,16 +29,19 @@ def test_three_formats_one_record_per_line(tmp_path):
     assert read_records(mc, MC)[0].fields["choices"] == ["yes", "no"]
 
 
-@pytest.mark.parametrize("content, kind, message", [
-    ("", LM, "empty"),
-    ('{"text": "a"}\n{"text": \n', LM, r"d.jsonl:2: malformed JSON"),
-    ('{"txt": "a"}\n', LM, r"d.jsonl:1: missing field"),
-    ('[1, 2]\n', LM, r"d.jsonl:1: each JSONL line must be an object"),
-    ('{"prompt": "a", "completion": ""}\n', LM, "no loss tokens"),
-    ('{"question": "q", "choices": ["a"], "answer": 0}\n', MC, "at least two"),
-    ('{"question": "q", "choices": ["a", "b"], "answer": 2}\n', MC, "not a valid index"),
-    ('{"text": "q", "label": "x"}\n', CLS, "non-integer field 'label'"),
-])
+@pytest.mark.parametrize(
+    "content, kind, message",
+    [
+        ("", LM, "empty"),
+        ('{"text": "a"}\n{"text": \n', LM, r"d.jsonl:2: malformed JSON"),
+        ('{"txt": "a"}\n', LM, r"d.jsonl:1: missing field"),
+        ("[1, 2]\n", LM, r"d.jsonl:1: each JSONL line must be an object"),
+        ('{"prompt": "a", "completion": ""}\n', LM, "no loss tokens"),
+        ('{"question": "q", "choices": ["a"], "answer": 0}\n', MC, "at least two"),
+        ('{"question": "q", "choices": ["a", "b"], "answer": 2}\n', MC, "not a valid index"),
+        ('{"text": "q", "label": "x"}\n', CLS, "non-integer field 'label'"),
+    ],
+)
 def test_bad_input_names_file_and_line(tmp_path, content, kind, message):
     path = _write(tmp_path / "d.jsonl", content)
     with pytest.raises(DataError, match=message):
@@ -46,7 +49,10 @@ def test_bad_input_names_file_and_line(tmp_path, content, kind, message):
 
 
 def test_prompt_completion_masks_prompt_and_truncates_prompt_from_the_left(tmp_path):
-    path = _write(tmp_path / "d.jsonl", json.dumps({"prompt": "the cat sat on the mat", "completion": "red blue"}) + "\n")
+    path = _write(
+        tmp_path / "d.jsonl",
+        json.dumps({"prompt": "the cat sat on the mat", "completion": "red blue"}) + "\n",
+    )
     r = read_records(path, LM)[0]
     full = lm_example(TOK, r, 64)
     completion = TOK("red blue", add_special_tokens=False)["input_ids"]

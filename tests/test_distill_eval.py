@@ -21,7 +21,9 @@ from offsite.training.distill import DistillConfig, Distiller
 
 def _corpus(path, n=40, seed=0):
     rng = random.Random(seed)
-    path.write_text("".join(json.dumps({"text": " ".join(rng.choices(WORDS, k=10))}) + "\n" for _ in range(n)))
+    path.write_text(
+        "".join(json.dumps({"text": " ".join(rng.choices(WORDS, k=10))}) + "\n" for _ in range(n))
+    )
     return path
 
 
@@ -29,8 +31,12 @@ def _distiller(src, cfg, layer_map):
     teacher = load_model(src, dtype=torch.float32)
     student = build_emulator(teacher, layer_map)
     tok = load_tokenizer(src)
-    return teacher, student, tok, Distiller(teacher, student, layer_map, 2, 2, cfg, pad_id=tok.pad_token_id,
-                                            shift=True, use_lm=True)
+    return (
+        teacher,
+        student,
+        tok,
+        Distiller(teacher, student, layer_map, 2, 2, cfg, pad_id=tok.pad_token_id, shift=True, use_lm=True),
+    )
 
 
 def test_distillation_trains_only_kept_middle_blocks_and_lowers_kd(tmp_path):
@@ -75,8 +81,15 @@ def test_distillation_resumes_from_its_checkpoint(tmp_path):
 
 def test_prepare_with_distillation_records_it_in_the_manifest(tmp_path):
     src = make_tiny_checkpoint(tmp_path / "m", "opt", layers=8)
-    prepare(src, tmp_path / "b", PrepareOptions(emulator_layers=2, distill_data=_corpus(tmp_path / "c.jsonl"),
-                                                distill=DistillConfig(steps=5, warmup_steps=1)))
+    prepare(
+        src,
+        tmp_path / "b",
+        PrepareOptions(
+            emulator_layers=2,
+            distill_data=_corpus(tmp_path / "c.jsonl"),
+            distill=DistillConfig(steps=5, warmup_steps=1),
+        ),
+    )
     d = Bundle.open(tmp_path / "b").manifest["distillation"]
     assert d["steps"] == 5 and d["kd_weight"] == 30.0
     assert set(d["held_out_perplexity"]) == {"full", "emulator_before", "emulator_after"}
@@ -86,8 +99,12 @@ def test_five_settings_fill_what_they_can(tmp_path):
     src = make_tiny_checkpoint(tmp_path / "m", "llama", layers=6)
     prepare(src, tmp_path / "b", PrepareOptions())
     task = tmp_path / "mc.jsonl"
-    task.write_text("".join(json.dumps({"question": "the cat is", "choices": ["red", "blue", "big"],
-                                        "answer": i % 3}) + "\n" for i in range(6)))
+    task.write_text(
+        "".join(
+            json.dumps({"question": "the cat is", "choices": ["red", "blue", "big"], "answer": i % 3}) + "\n"
+            for i in range(6)
+        )
+    )
     report = evaluate_settings(task, "mc", EvalInputs(model=src, bundle=tmp_path / "b", merged=src))
     rows = {r.setting: r for r in report.rows}
     assert rows["full zero-shot"].metrics == rows["plug-in"].metrics

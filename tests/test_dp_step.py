@@ -42,8 +42,13 @@ def test_one_dp_step_applies_exactly_the_clipped_gradient(tmp_path, family, kind
     tok = AutoTokenizer.from_pretrained(src)
     encoder = family in ENCODERS
     model = load_full(src, family, 2 if encoder else None)
-    spec = AdapterSpec(kind=kind, layers=(0, 3), lora_rank=4 if kind == "lora" else None,
-                       lora_alpha=8.0 if kind == "lora" else None, trains_head=encoder)
+    spec = AdapterSpec(
+        kind=kind,
+        layers=(0, 3),
+        lora_rank=4 if kind == "lora" else None,
+        lora_alpha=8.0 if kind == "lora" else None,
+        trains_head=encoder,
+    )
     view = AdapterView(model, spec, identity_positions(4))
     view.attach()
     params = view.named_parameters()
@@ -66,11 +71,27 @@ def test_one_dp_step_applies_exactly_the_clipped_gradient(tmp_path, family, kind
     for p in params.values():
         p.grad = None
 
-    plan = DPPlan(noise_multiplier=0.0, sample_rate=1.0, steps=1, delta=1e-5, max_grad_norm=C,
-                  expected_batch_size=len(examples))
+    plan = DPPlan(
+        noise_multiplier=0.0,
+        sample_rate=1.0,
+        steps=1,
+        delta=1e-5,
+        max_grad_norm=C,
+        expected_batch_size=len(examples),
+    )
     recorded = []
-    train_dp(model, params, examples, plan, lr=LR, pad_id=tok.pad_token_id, shift=shift, physical_batch_size=3,
-             record_steps=recorded.append, noise_seed=0)
+    train_dp(
+        model,
+        params,
+        examples,
+        plan,
+        lr=LR,
+        pad_id=tok.pad_token_id,
+        shift=shift,
+        physical_batch_size=3,
+        record_steps=recorded.append,
+        noise_seed=0,
+    )
     assert recorded == [1]
     moved = compared = total = 0
     for n, p in params.items():

@@ -26,24 +26,38 @@ def setup(tmp_path_factory):
     prepare(src, root / "bundle", PrepareOptions())
     rng = random.Random(0)
     data = root / "train.jsonl"
-    data.write_text("".join(json.dumps({"prompt": " ".join(rng.choices(WORDS, k=4)),
-                                        "completion": " ".join(rng.choices(WORDS, k=2))}) + "\n"
-                            for _ in range(64)))
+    data.write_text(
+        "".join(
+            json.dumps(
+                {"prompt": " ".join(rng.choices(WORDS, k=4)), "completion": " ".join(rng.choices(WORDS, k=2))}
+            )
+            + "\n"
+            for _ in range(64)
+        )
+    )
     crypto.init_client_keys(root / "keys")
     return root
 
 
 def _opts(setup, **kw):
-    base = dict(epochs=1, batch_size=16, lr=1e-2, eval_fraction=0.0, dataset_id="ds", noise_multiplier=1.0,
-                keys_dir=setup / "keys")
+    base = dict(
+        epochs=1,
+        batch_size=16,
+        lr=1e-2,
+        eval_fraction=0.0,
+        dataset_id="ds",
+        noise_multiplier=1.0,
+        keys_dir=setup / "keys",
+    )
     base.update(kw)
     return TuneOptions(**base)
 
 
 def test_noise_has_standard_deviation_sigma_times_c():
     params = [torch.nn.Parameter(torch.zeros(200, 100))]
-    plan = DPPlan(noise_multiplier=1.3, sample_rate=0.1, steps=1, delta=1e-5, max_grad_norm=0.7,
-                  expected_batch_size=16)
+    plan = DPPlan(
+        noise_multiplier=1.3, sample_rate=0.1, steps=1, delta=1e-5, max_grad_norm=0.7, expected_batch_size=16
+    )
     captured = []
 
     def run(seed):
@@ -67,7 +81,9 @@ def test_plan_refuses_what_it_must():
     with pytest.raises(BudgetError, match="not below 1/N"):
         make_plan(100, 16, 1, prior_history=[], epsilon=8, delta=0.01, noise_multiplier=None, max_grad_norm=1)
     assert default_delta(100) == 1e-3 and default_delta(5000) == 1e-5 and default_delta(999) < 1 / 999
-    plan = make_plan(64, 16, 2, prior_history=[], epsilon=None, delta=None, noise_multiplier=1.0, max_grad_norm=1)
+    plan = make_plan(
+        64, 16, 2, prior_history=[], epsilon=None, delta=None, noise_multiplier=1.0, max_grad_norm=1
+    )
     assert (plan.sample_rate, plan.steps, plan.expected_batch_size) == (0.25, 8, 16)
 
 
@@ -81,16 +97,37 @@ def test_dp_run_moves_only_the_adapter_and_writes_a_valid_receipt(setup, tmp_pat
     trained = load_file(str(tmp_path / "a" / "adapter.safetensors"))
     moved = [n for n, t in trained.items() if not torch.equal(t, view.state_dict()[n])]
     assert len(moved) == len(trained)  # every adapter tensor moved
-    report = verify_receipt(tmp_path / "a", public_key=crypto.load_public_key(setup / "keys" / crypto.PUBLIC_KEY_FILE))
+    report = verify_receipt(
+        tmp_path / "a", public_key=crypto.load_public_key(setup / "keys" / crypto.PUBLIC_KEY_FILE)
+    )
     assert report.ok and report.signer_verified
     r = result.receipt
-    assert r["run_history"] == [{"mechanism": "poisson-subsampled-gaussian", "noise_multiplier": 1.0,
-                                 "sample_rate": 0.25, "steps": 4}]
+    assert r["run_history"] == [
+        {"mechanism": "poisson-subsampled-gaussian", "noise_multiplier": 1.0, "sample_rate": 0.25, "steps": 4}
+    ]
     # No field publishes the dataset size (q and steps are what accounting needs).
-    assert set(r) == {"format", "format_version", "created_at", "run_id", "bundle_id", "dataset_id",
-                      "dataset_fingerprint", "fingerprint_scheme", "adapter_sha256", "mechanism",
-                      "neighbouring_relation", "delta", "max_grad_norm", "noise_seed", "run_history",
-                      "cumulative_history", "epsilon", "accountants", "signer", "versions"}
+    assert set(r) == {
+        "format",
+        "format_version",
+        "created_at",
+        "run_id",
+        "bundle_id",
+        "dataset_id",
+        "dataset_fingerprint",
+        "fingerprint_scheme",
+        "adapter_sha256",
+        "mechanism",
+        "neighbouring_relation",
+        "delta",
+        "max_grad_norm",
+        "noise_seed",
+        "run_history",
+        "cumulative_history",
+        "epsilon",
+        "accountants",
+        "signer",
+        "versions",
+    }
     assert 64 not in [v for v in r.values() if isinstance(v, int)]
     meta = json.loads((tmp_path / "a" / "adapter.json").read_text())
     assert "loss" not in json.dumps(meta)
@@ -99,26 +136,41 @@ def test_dp_run_moves_only_the_adapter_and_writes_a_valid_receipt(setup, tmp_pat
     tuned, tuned_view = bundle.load_emulator()
     tuned_view.load_state_dict(trained)
     adapter_ids = {id(p) for p in tuned_view.named_parameters().values()}
-    for (n, p) in tuned.named_parameters():
+    for n, p in tuned.named_parameters():
         if id(p) not in adapter_ids:
             assert torch.equal(p, before[n]), n
 
 
 def test_budget_is_total_per_dataset_and_composes(setup, tmp_path):
-    first = tune(setup / "bundle", setup / "train.jsonl", tmp_path / "a1",
-                 _opts(setup, dataset_id="budget", noise_multiplier=None, epsilon=3.0))
+    first = tune(
+        setup / "bundle",
+        setup / "train.jsonl",
+        tmp_path / "a1",
+        _opts(setup, dataset_id="budget", noise_multiplier=None, epsilon=3.0),
+    )
     assert first.receipt["epsilon"]["cumulative"]["prv_upper"] <= 3.0
     with pytest.raises(BudgetError, match="already spent"):
-        tune(setup / "bundle", setup / "train.jsonl", tmp_path / "a2",
-             _opts(setup, dataset_id="budget", noise_multiplier=None, epsilon=3.0))
+        tune(
+            setup / "bundle",
+            setup / "train.jsonl",
+            tmp_path / "a2",
+            _opts(setup, dataset_id="budget", noise_multiplier=None, epsilon=3.0),
+        )
     assert not (tmp_path / "a2").exists()
-    second = tune(setup / "bundle", setup / "train.jsonl", tmp_path / "a3",
-                  _opts(setup, dataset_id="budget", noise_multiplier=None, epsilon=5.0))
+    second = tune(
+        setup / "bundle",
+        setup / "train.jsonl",
+        tmp_path / "a3",
+        _opts(setup, dataset_id="budget", noise_multiplier=None, epsilon=5.0),
+    )
     eps = second.receipt["epsilon"]
     assert eps["cumulative"]["prv_upper"] <= 5.0 + 1e-9
     assert eps["this_run"]["prv_upper"] < eps["cumulative"]["prv_upper"]
     # composed, not added: less than the sum of the two runs' ε
-    assert eps["cumulative"]["prv_upper"] < first.receipt["epsilon"]["this_run"]["prv_upper"] + eps["this_run"]["prv_upper"]
+    assert (
+        eps["cumulative"]["prv_upper"]
+        < first.receipt["epsilon"]["this_run"]["prv_upper"] + eps["this_run"]["prv_upper"]
+    )
     assert len(second.receipt["cumulative_history"]) == 2
 
 
@@ -130,12 +182,19 @@ def test_interrupted_run_resumes_without_resetting_budget(setup, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        tune(setup / "bundle", setup / "train.jsonl", out, _opts(setup, dataset_id="resume", checkpoint_every=2),
-             on_step=stop_at_3)
+        tune(
+            setup / "bundle",
+            setup / "train.jsonl",
+            out,
+            _opts(setup, dataset_id="resume", checkpoint_every=2),
+            on_step=stop_at_3,
+        )
     assert not out.exists() and state_dir_for(out).is_dir()
     spent = history.load_history("resume")
     assert [e["steps"] for e in spent] == [4]  # the whole run was reserved before it started
-    result = tune(setup / "bundle", setup / "train.jsonl", out, _opts(setup, dataset_id="resume", checkpoint_every=2))
+    result = tune(
+        setup / "bundle", setup / "train.jsonl", out, _opts(setup, dataset_id="resume", checkpoint_every=2)
+    )
     assert result.resumed_from == 2
     final = history.load_history("resume")
     assert len(final) == 1 and final[0]["steps"] == 4 and final[0]["run_id"] == result.run_id
@@ -150,7 +209,12 @@ def test_refusals_leave_nothing_behind(setup, tmp_path):
     with pytest.raises(DataError, match="fewer records than one batch"):
         tune(setup / "bundle", setup / "train.jsonl", tmp_path / "o2", _opts(setup, batch_size=128))
     with pytest.raises(DataError, match="keys init"):
-        tune(setup / "bundle", setup / "train.jsonl", tmp_path / "o3", _opts(setup, keys_dir=tmp_path / "nokeys"))
+        tune(
+            setup / "bundle",
+            setup / "train.jsonl",
+            tmp_path / "o3",
+            _opts(setup, keys_dir=tmp_path / "nokeys"),
+        )
     with pytest.raises(OffsiteError, match="dataset-id"):
         tune(setup / "bundle", setup / "train.jsonl", tmp_path / "o4", _opts(setup, dataset_id=None))
     wrong_kind = tmp_path / "mc.jsonl"  # multiple-choice records for a bundle that trains a causal LM

@@ -37,8 +37,14 @@ def _labels(family):
 
 def _write(bundle: Bundle, view: AdapterView, out):
     with staged_directory(out) as stage:
-        write_adapter(stage, adapter_tensors_for_export(view, bundle), spec=bundle.spec, bundle_id=bundle.id,
-                      source_fingerprint=bundle.source_fingerprint, hyperparameters={"test": True})
+        write_adapter(
+            stage,
+            adapter_tensors_for_export(view, bundle),
+            spec=bundle.spec,
+            bundle_id=bundle.id,
+            source_fingerprint=bundle.source_fingerprint,
+            hyperparameters={"test": True},
+        )
 
 
 def _perturb_adapter(view: AdapterView, seed: int = 1):
@@ -57,7 +63,10 @@ def test_kept_indices_follow_the_reference_rule():
             expect = [0] if k == 1 else [round(i * (m - 1) / (k - 1)) for i in range(k)]
             assert kept == expect and len(set(kept)) == k
             assert kept[0] == 0 and (k == 1 or kept[-1] == m - 1)
-    assert emulator_layer_map(24, 2, 2, None) == [0, 1] + [2 + i for i in kept_middle_indices(20, 10)] + [22, 23]
+    assert emulator_layer_map(24, 2, 2, None) == [0, 1] + [2 + i for i in kept_middle_indices(20, 10)] + [
+        22,
+        23,
+    ]
 
 
 @pytest.mark.parametrize("args", [(6, 2, 2, 0), (6, 2, 2, 3), (6, 3, 3, 1), (6, 4, 2, 1)])
@@ -134,7 +143,9 @@ def test_trained_blocks_go_to_their_original_index(tmp_path, family):
     mb, eb, ob = get_blocks(merged), get_blocks(emulator), get_blocks(original)
     for pos, orig in enumerate(layer_map):
         if orig in bundle.spec.layers:
-            for (n, a), (_, b) in zip(mb[orig].state_dict().items(), eb[pos].state_dict().items(), strict=True):
+            for (n, a), (_, b) in zip(
+                mb[orig].state_dict().items(), eb[pos].state_dict().items(), strict=True
+            ):
                 torch.testing.assert_close(a, b, msg=n)
     for i in range(6):
         if i not in bundle.spec.layers:
@@ -279,7 +290,9 @@ def test_half_precision_checkpoint_keeps_its_dtype_end_to_end(tmp_path):
     from offsite.tune import TuneOptions, tune
 
     src = make_tiny_checkpoint(tmp_path / "m32", "llama")
-    AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).to(torch.bfloat16).save_pretrained(tmp_path / "m")
+    AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).to(torch.bfloat16).save_pretrained(
+        tmp_path / "m"
+    )
     from transformers import AutoTokenizer
 
     AutoTokenizer.from_pretrained(src).save_pretrained(tmp_path / "m")
@@ -292,7 +305,9 @@ def test_half_precision_checkpoint_keeps_its_dtype_end_to_end(tmp_path):
     data = tmp_path / "d.txt"
     data.write_text("the cat sat on the mat\na dog is red\n" * 8)
     tune(tmp_path / "b", data, tmp_path / "a", TuneOptions(dp=False, epochs=1, batch_size=4, eval_fraction=0))
-    assert {t.dtype for t in load_file(str(tmp_path / "a" / "adapter.safetensors")).values()} == {torch.bfloat16}
+    assert {t.dtype for t in load_file(str(tmp_path / "a" / "adapter.safetensors")).values()} == {
+        torch.bfloat16
+    }
     plug(tmp_path / "m", tmp_path / "a", tmp_path / "merged")
     merged = load_model(tmp_path / "merged")  # dtype="auto"
     assert next(merged.parameters()).dtype == torch.bfloat16

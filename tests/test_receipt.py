@@ -97,7 +97,9 @@ def test_round_trip(adapter, keys):
     # Cumulative ε composes all three phases: more than this run, less than the sum.
     e = r["epsilon"]
     assert e["this_run"]["prv_upper"] < e["cumulative"]["prv_upper"]
-    assert e["cumulative"]["prv_upper"] < e["this_run"]["prv_upper"] + epsilon_prv([make_entry(1.2, 0.02, 60)], DELTA)
+    assert e["cumulative"]["prv_upper"] < e["this_run"]["prv_upper"] + epsilon_prv(
+        [make_entry(1.2, 0.02, 60)], DELTA
+    )
     assert set(r["versions"]) == {"offsite", "torch", "opacus", "transformers"}
     # The receipt on disk is canonical JSON and the signature file is base64 text of 64 bytes.
     data = (adapter / RECEIPT_FILE).read_bytes()
@@ -174,8 +176,14 @@ def _valid_doc(adapter: Path) -> dict:
 @pytest.mark.parametrize(
     ("mutate", "field"),
     [
-        (lambda d: d["run_history"][0].__setitem__("noise_multiplier", -1.0), "run_history[0].noise_multiplier"),
-        (lambda d: d["cumulative_history"][1].__setitem__("sample_rate", 1.5), "cumulative_history[1].sample_rate"),
+        (
+            lambda d: d["run_history"][0].__setitem__("noise_multiplier", -1.0),
+            "run_history[0].noise_multiplier",
+        ),
+        (
+            lambda d: d["cumulative_history"][1].__setitem__("sample_rate", 1.5),
+            "cumulative_history[1].sample_rate",
+        ),
         (lambda d: d["run_history"][1].__setitem__("steps", -3), "run_history[1].steps"),
         (lambda d: d.pop("delta"), "receipt.delta"),
         (lambda d: d.__setitem__("delta", 1.0), "receipt.delta"),
@@ -185,8 +193,14 @@ def _valid_doc(adapter: Path) -> dict:
         (lambda d: d.__setitem__("dataset_id", "../etc"), "receipt.dataset_id"),
         (lambda d: d.__setitem__("noise_seed", "7"), "receipt.noise_seed"),
         (lambda d: d.__setitem__("dataset_size", 1000), "receipt.dataset_size"),
-        (lambda d: d["epsilon"]["this_run"].__setitem__("prv_eps_error", 5.0), "receipt.epsilon.this_run.prv_eps_error"),
-        (lambda d: d["signer"].__setitem__("public_key_fingerprint", "0" * 64), "receipt.signer.public_key_fingerprint"),
+        (
+            lambda d: d["epsilon"]["this_run"].__setitem__("prv_eps_error", 5.0),
+            "receipt.epsilon.this_run.prv_eps_error",
+        ),
+        (
+            lambda d: d["signer"].__setitem__("public_key_fingerprint", "0" * 64),
+            "receipt.signer.public_key_fingerprint",
+        ),
         (lambda d: d.__setitem__("format_version", 2), "receipt.format_version"),
     ],
 )
@@ -247,7 +261,9 @@ def test_cli_audit_json_and_failure_exit(adapter, keys, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["ok"] is True and report["signer_verified"] is False
     save_file({"x": torch.zeros(1)}, str(adapter / "adapter.safetensors"))
-    code = _audit(str(adapter / RECEIPT_FILE), "--adapter", str(adapter), "--pubkey", str(paths.public_key), "--json")
+    code = _audit(
+        str(adapter / RECEIPT_FILE), "--adapter", str(adapter), "--pubkey", str(paths.public_key), "--json"
+    )
     report = json.loads(capsys.readouterr().out)
     assert code == 1 and report["ok"] is False
     assert {c["name"]: c["status"] for c in report["checks"]}["adapter hash"] == "fail"

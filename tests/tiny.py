@@ -25,7 +25,9 @@ def word_level_tokenizer(words: Iterable[str]) -> PreTrainedTokenizerFast:
         vocab.setdefault(w, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token="<pad>",
@@ -38,7 +40,29 @@ def word_level_tokenizer(words: Iterable[str]) -> PreTrainedTokenizerFast:
     )
 
 
-WORDS = ["the", "a", "cat", "dog", "sat", "on", "mat", "is", "red", "blue", "green", "big", "small", "and", "or", "not", "yes", "no", "one", "two", "three"]
+WORDS = [
+    "the",
+    "a",
+    "cat",
+    "dog",
+    "sat",
+    "on",
+    "mat",
+    "is",
+    "red",
+    "blue",
+    "green",
+    "big",
+    "small",
+    "and",
+    "or",
+    "not",
+    "yes",
+    "no",
+    "one",
+    "two",
+    "three",
+]
 DECODERS = ("gpt2", "opt", "llama", "mistral", "qwen2", "bloom")
 ENCODERS = ("bert", "roberta")
 FAMILIES = DECODERS + ENCODERS
@@ -47,32 +71,88 @@ FAMILIES = DECODERS + ENCODERS
 def tiny_config(model_type: str, layers: int = 6, hidden: int = 32):
     tok = word_level_tokenizer(WORDS)
     vocab = len(tok)
-    common = dict(vocab_size=vocab, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                  eos_token_id=tok.eos_token_id)
+    common = dict(
+        vocab_size=vocab,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     kw = {
-        "gpt2": dict(n_embd=hidden, n_layer=layers, n_head=4, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
-                     attn_pdrop=0.0),
-        "opt": dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4, ffn_dim=2 * hidden,
-                    word_embed_proj_dim=hidden, max_position_embeddings=64, dropout=0.0, attention_dropout=0.0),
-        "llama": dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=2 * hidden, max_position_embeddings=64, tie_word_embeddings=False),
-        "mistral": dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                        intermediate_size=2 * hidden, max_position_embeddings=64),
-        "qwen2": dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=2 * hidden, max_position_embeddings=64, use_sliding_window=True,
-                      sliding_window=8, max_window_layers=2),
-        "bloom": dict(hidden_size=hidden, n_layer=layers, n_head=4, hidden_dropout=0.0, attention_dropout=0.0),
-        "bert": dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=2 * hidden,
-                     max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
-        "roberta": dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-                        intermediate_size=2 * hidden, max_position_embeddings=70, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0),
+        "gpt2": dict(
+            n_embd=hidden,
+            n_layer=layers,
+            n_head=4,
+            n_positions=64,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        ),
+        "opt": dict(
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            ffn_dim=2 * hidden,
+            word_embed_proj_dim=hidden,
+            max_position_embeddings=64,
+            dropout=0.0,
+            attention_dropout=0.0,
+        ),
+        "llama": dict(
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=2 * hidden,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+        ),
+        "mistral": dict(
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=2 * hidden,
+            max_position_embeddings=64,
+        ),
+        "qwen2": dict(
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=2 * hidden,
+            max_position_embeddings=64,
+            use_sliding_window=True,
+            sliding_window=8,
+            max_window_layers=2,
+        ),
+        "bloom": dict(
+            hidden_size=hidden, n_layer=layers, n_head=4, hidden_dropout=0.0, attention_dropout=0.0
+        ),
+        "bert": dict(
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            intermediate_size=2 * hidden,
+            max_position_embeddings=64,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        ),
+        "roberta": dict(
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            intermediate_size=2 * hidden,
+            max_position_embeddings=70,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        ),
     }[model_type]
     return AutoConfig.for_model(model_type, **common, **kw), tok
 
 
-def make_tiny_checkpoint(out: Path, model_type: str, layers: int = 6, hidden: int = 32, seed: int = 0,
-                         distinct: bool = True) -> Path:
+def make_tiny_checkpoint(
+    out: Path, model_type: str, layers: int = 6, hidden: int = 32, seed: int = 0, distinct: bool = True
+) -> Path:
     """Save a tiny randomly initialised checkpoint + tokenizer to ``out``.
 
     With ``distinct`` every tensor is re-drawn from N(0, 0.5): fresh norms are all ones and
@@ -95,6 +175,7 @@ def load_full(path: Path, model_type: str, num_labels: int | None = None):
     if model_type in DECODERS:
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     if num_labels:
-        return AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32,
-                                                                  num_labels=num_labels).eval()
+        return AutoModelForSequenceClassification.from_pretrained(
+            path, dtype=torch.float32, num_labels=num_labels
+        ).eval()
     return AutoModelForMaskedLM.from_pretrained(path, dtype=torch.float32).eval()

@@ -7,13 +7,20 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run prepare -> private tuning -> plug-in -> five-setting table",
-                       description="Build (or reuse from the cache) a small demo model owner and a private "
-                       "downstream task, then run the whole offsite-tuning flow and print the five settings.")
+    p = sub.add_parser(
+        "demo",
+        help="run prepare -> private tuning -> plug-in -> five-setting table",
+        description="Build (or reuse from the cache) a small demo model owner and a private "
+        "downstream task, then run the whole offsite-tuning flow and print the five settings.",
+    )
     p.add_argument("--quick", action="store_true", help="a smaller, faster run (what CI runs)")
     p.add_argument("--seed", type=int, default=0, help="fine-tuning seed")
-    p.add_argument("--keep", type=Path, default=None,
-                   help="keep the bundle, adapters and merged models in this directory")
+    p.add_argument(
+        "--keep",
+        type=Path,
+        default=None,
+        help="keep the bundle, adapters and merged models in this directory",
+    )
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=cmd_demo)
 

@@ -11,16 +11,20 @@ from offsite.data import KINDS
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "eval", help="compare the five settings (zero-shot, emulator, plug-in, full fine-tuning)",
+        "eval",
+        help="compare the five settings (zero-shot, emulator, plug-in, full fine-tuning)",
         description="Evaluate on a task file and fill the rows of the five offsite-tuning settings that the "
         "given inputs allow: full zero-shot (--model), emulator zero-shot (--bundle), emulator fine-tuned "
         "(--bundle --adapter), plug-in (--merged), full fine-tuned (--full-ft). Never trains. Metrics: "
         "lm perplexity; mc accuracy by log-likelihood (acc, acc_norm); cls accuracy; mlm masked-token "
-        "perplexity (fixed masking seed).")
+        "perplexity (fixed masking seed).",
+    )
     p.add_argument("--task", type=Path, required=True, help="evaluation records (JSONL, CSV or text)")
     p.add_argument("--type", dest="kind", choices=KINDS, required=True, help="task type")
     p.add_argument("--model", type=Path, help="the full model (full zero-shot)")
-    p.add_argument("--bundle", type=Path, help="a bundle (emulator zero-shot; with --adapter, emulator fine-tuned)")
+    p.add_argument(
+        "--bundle", type=Path, help="a bundle (emulator zero-shot; with --adapter, emulator fine-tuned)"
+    )
     p.add_argument("--adapter", type=Path, help="a fine-tuned adapter for --bundle")
     p.add_argument("--merged", type=Path, help="a plugged-in model from `offsite owner plug`")
     p.add_argument("--full-ft", type=Path, help="a fully fine-tuned model (`offsite owner finetune-full`)")
@@ -39,15 +43,18 @@ def report_table(report, title: str = "five settings"):
 
     names = METRICS[report.kind]
     headers = ["setting", *[f"{n} (%)" if n != "perplexity" else n for n in names], "note"]
-    rows = [(r.setting, *[format_metric(n, (r.metrics or {}).get(n)) for n in names], r.note) for r in report.rows]
+    rows = [
+        (r.setting, *[format_metric(n, (r.metrics or {}).get(n)) for n in names], r.note) for r in report.rows
+    ]
     return table(f"{title} ({report.kind}, {report.records} records)", headers, rows)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from offsite.evaluation.settings import EvalInputs, evaluate_settings
 
-    inputs = EvalInputs(model=args.model, bundle=args.bundle, adapter=args.adapter, merged=args.merged,
-                        full_ft=args.full_ft)
+    inputs = EvalInputs(
+        model=args.model, bundle=args.bundle, adapter=args.adapter, merged=args.merged, full_ft=args.full_ft
+    )
     with console.status("evaluating…"):
         report = evaluate_settings(args.task, args.kind, inputs)
     if args.json:

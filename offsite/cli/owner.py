@@ -12,54 +12,89 @@ from offsite.training.finetune import TrainConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    owner = sub.add_parser("owner", help="model owner: prepare bundles, plug adapters in",
-                           description="Commands for the model owner, who keeps the full model.")
+    owner = sub.add_parser(
+        "owner",
+        help="model owner: prepare bundles, plug adapters in",
+        description="Commands for the model owner, who keeps the full model.",
+    )
     cmds = owner.add_subparsers(dest="owner_command", metavar="COMMAND", required=True)
 
     p = cmds.add_parser(
-        "prepare", help="make a bundle (emulator + initial adapter + tokenizer) from a model",
+        "prepare",
+        help="make a bundle (emulator + initial adapter + tokenizer) from a model",
         description="Build the bundle a data owner fine-tunes: the adapter blocks (bottom and top), a "
         "uniformly layer-dropped emulator of the middle blocks (optionally distilled), and the tokenizer. "
-        "The full model never leaves this machine.")
+        "The full model never leaves this machine.",
+    )
     p.add_argument("model", type=Path, help="local Hugging Face checkpoint directory (safetensors)")
     p.add_argument("--out", type=Path, required=True, help="bundle directory to create")
-    p.add_argument("--adapter-bottom", type=int, default=2, help="bottom blocks the data owner trains (default 2)")
+    p.add_argument(
+        "--adapter-bottom", type=int, default=2, help="bottom blocks the data owner trains (default 2)"
+    )
     p.add_argument("--adapter-top", type=int, default=2, help="top blocks the data owner trains (default 2)")
-    p.add_argument("--emulator-layers", type=int, default=None,
-                   help="middle blocks kept in the emulator (default: half of the middle blocks, rounded up)")
-    p.add_argument("--lora-rank", type=int, default=None,
-                   help="train LoRA (this rank) on every linear layer of the adapter blocks instead of whole blocks")
+    p.add_argument(
+        "--emulator-layers",
+        type=int,
+        default=None,
+        help="middle blocks kept in the emulator (default: half of the middle blocks, rounded up)",
+    )
+    p.add_argument(
+        "--lora-rank",
+        type=int,
+        default=None,
+        help="train LoRA (this rank) on every linear layer of the adapter blocks instead of whole blocks",
+    )
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2 x rank)")
-    p.add_argument("--num-labels", type=int, default=None,
-                   help="encoders: fine-tune for classification with this many labels (new head + pooler)")
+    p.add_argument(
+        "--num-labels",
+        type=int,
+        default=None,
+        help="encoders: fine-tune for classification with this many labels (new head + pooler)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for new heads and LoRA initialisation")
-    p.add_argument("--distill-data", type=Path, default=None,
-                   help="the owner's public text (JSONL/CSV/text) to distil the emulator on")
+    p.add_argument(
+        "--distill-data",
+        type=Path,
+        default=None,
+        help="the owner's public text (JSONL/CSV/text) to distil the emulator on",
+    )
     p.add_argument("--distill-steps", type=int, default=200, help="distillation steps (default 200)")
     p.add_argument("--distill-lr", type=float, default=1e-4, help="distillation learning rate (default 1e-4)")
     p.add_argument("--distill-batch-size", type=int, default=8, help="distillation batch size (default 8)")
-    p.add_argument("--distill-checkpoint", type=Path, default=None,
-                   help="directory for a resumable distillation checkpoint (resumes if it exists)")
+    p.add_argument(
+        "--distill-checkpoint",
+        type=Path,
+        default=None,
+        help="directory for a resumable distillation checkpoint (resumes if it exists)",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_prepare)
 
     p = cmds.add_parser(
-        "plug", help="verify a data owner's adapter and plug it into the full model",
+        "plug",
+        help="verify a data owner's adapter and plug it into the full model",
         description="Check an adapter (bundle id, model fingerprint, file hash, every tensor's name, shape, "
         "dtype and finiteness), load it into MODEL by explicit layer index and write a normal Hugging Face "
-        "checkpoint. LoRA adapters are merged and also exported to OUT/peft/.")
+        "checkpoint. LoRA adapters are merged and also exported to OUT/peft/.",
+    )
     p.add_argument("model", type=Path, help="the full model the bundle was prepared from")
     p.add_argument("adapter", type=Path, help="adapter directory returned by the data owner")
     p.add_argument("--out", type=Path, required=True, help="directory for the merged model")
-    p.add_argument("--bundle", type=Path, default=None,
-                   help="the bundle directory (default: the record kept when this machine prepared it)")
+    p.add_argument(
+        "--bundle",
+        type=Path,
+        default=None,
+        help="the bundle directory (default: the record kept when this machine prepared it)",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_plug)
 
     p = cmds.add_parser(
-        "finetune-full", help="fine-tune the whole model (research and demo reference only)",
+        "finetune-full",
+        help="fine-tune the whole model (research and demo reference only)",
         description="Full fine-tuning of every block: the 'full fine-tuned' row of the five-setting "
-        "comparison. Not part of offsite-tuning: it needs the model and the data in one place.")
+        "comparison. Not part of offsite-tuning: it needs the model and the data in one place.",
+    )
     p.add_argument("model", type=Path)
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
@@ -76,20 +111,39 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     distill = None
     if args.distill_data is not None:
-        distill = DistillConfig(steps=args.distill_steps, lr=args.distill_lr, batch_size=args.distill_batch_size,
-                                seed=args.seed, warmup_steps=min(100, max(1, args.distill_steps // 10)))
+        distill = DistillConfig(
+            steps=args.distill_steps,
+            lr=args.distill_lr,
+            batch_size=args.distill_batch_size,
+            seed=args.seed,
+            warmup_steps=min(100, max(1, args.distill_steps // 10)),
+        )
     opts = PrepareOptions(
-        adapter_bottom=args.adapter_bottom, adapter_top=args.adapter_top, emulator_layers=args.emulator_layers,
-        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, num_labels=args.num_labels, seed=args.seed,
-        distill_data=args.distill_data, distill=distill, distill_checkpoint=args.distill_checkpoint)
+        adapter_bottom=args.adapter_bottom,
+        adapter_top=args.adapter_top,
+        emulator_layers=args.emulator_layers,
+        lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        num_labels=args.num_labels,
+        seed=args.seed,
+        distill_data=args.distill_data,
+        distill=distill,
+        distill_checkpoint=args.distill_checkpoint,
+    )
     if distill:
         with step_bar("distilling emulator", distill.steps, "kd") as on_step:
             result = prepare(args.model, args.out, opts, on_distill_step=on_step)
     else:
         result = prepare(args.model, args.out, opts)
     if args.json:
-        print_json({"bundle": str(args.out), "bundle_id": result.bundle_id, "layer_map": result.layer_map,
-                    "distillation": result.distillation})
+        print_json(
+            {
+                "bundle": str(args.out),
+                "bundle_id": result.bundle_id,
+                "layer_map": result.layer_map,
+                "distillation": result.distillation,
+            }
+        )
         return 0
     console.print(f"[green]bundle written[/green] to {args.out}")
     console.print(f"bundle id  {result.bundle_id}")
@@ -97,12 +151,24 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     if result.distillation:
         d = result.distillation
         ppl = d["held_out_perplexity"]
-        console.print(table("distillation (held-out public text)", ["", "value"], [
-            ("final KD loss", f"{d['final_kd_loss']:.4f}"),
-            ("KD before → after", f"{d['held_out_kd']['before']:.4f} → {d['held_out_kd']['after']:.4f}"),
-            ("perplexity full model", f"{ppl['full']:.2f}"),
-            ("perplexity emulator before → after", f"{ppl['emulator_before']:.2f} → {ppl['emulator_after']:.2f}"),
-        ]))
+        console.print(
+            table(
+                "distillation (held-out public text)",
+                ["", "value"],
+                [
+                    ("final KD loss", f"{d['final_kd_loss']:.4f}"),
+                    (
+                        "KD before → after",
+                        f"{d['held_out_kd']['before']:.4f} → {d['held_out_kd']['after']:.4f}",
+                    ),
+                    ("perplexity full model", f"{ppl['full']:.2f}"),
+                    (
+                        "perplexity emulator before → after",
+                        f"{ppl['emulator_before']:.2f} → {ppl['emulator_after']:.2f}",
+                    ),
+                ],
+            )
+        )
     return 0
 
 
@@ -111,8 +177,15 @@ def cmd_plug(args: argparse.Namespace) -> int:
 
     result = plug(args.model, args.adapter, args.out, args.bundle)
     if args.json:
-        print_json({"merged": str(args.out), "bundle_id": result.bundle_id, "kind": result.kind,
-                    "layers": result.layers, "peft": str(result.peft_dir) if result.peft_dir else None})
+        print_json(
+            {
+                "merged": str(args.out),
+                "bundle_id": result.bundle_id,
+                "kind": result.kind,
+                "layers": result.layers,
+                "peft": str(result.peft_dir) if result.peft_dir else None,
+            }
+        )
         return 0
     console.print(f"[green]adapter verified and plugged in[/green]: {result.kind} on layers {result.layers}")
     console.print(f"merged model written to {args.out}")
@@ -129,4 +202,3 @@ def cmd_finetune_full(args: argparse.Namespace) -> int:
         finetune_full(args.model, args.data, args.out, cfg, num_labels=args.num_labels, on_step=on_step)
     console.print(f"[green]fully fine-tuned model written[/green] to {args.out}")
     return 0
-

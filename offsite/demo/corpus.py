@@ -81,7 +81,28 @@ _PREP = ("near", "under", "over", "behind", "beside", "past", "into", "across")
 _CONJ = ("and", "but", "while", "because", "so")
 _MISC = (",", ".", "'s", "its", "is", "of", "as", "for", "people", "say", "has")
 
-_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "gr", "kr", "tr", "sh", "th")
+_ONSETS = (
+    "b",
+    "d",
+    "f",
+    "g",
+    "k",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "t",
+    "v",
+    "z",
+    "br",
+    "gr",
+    "kr",
+    "tr",
+    "sh",
+    "th",
+)
 _VOWELS = ("a", "e", "i", "o", "u", "ai", "ou")
 _CODAS = ("", "", "n", "r", "k", "l", "m", "x")
 

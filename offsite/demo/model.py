@@ -46,14 +46,23 @@ def cache_key(recipe: PretrainRecipe) -> str:
 
     import offsite
 
-    versions = {"offsite": offsite.__version__, "torch": torch.__version__,
-                "transformers": transformers.__version__, "tokenizers": tokenizers.__version__}
+    versions = {
+        "offsite": offsite.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "tokenizers": tokenizers.__version__,
+    }
     return sha256_bytes(canonical_json({"versions": versions, "recipe": asdict(recipe)}))[:16]
 
 
 def hf_tokenizer(world: corpus.World) -> PreTrainedTokenizerFast:
-    return PreTrainedTokenizerFast(tokenizer_object=corpus.build_tokenizer(world), bos_token=corpus.BOS,
-                                   eos_token=corpus.EOS, unk_token=corpus.UNK, pad_token=corpus.PAD)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=corpus.build_tokenizer(world),
+        bos_token=corpus.BOS,
+        eos_token=corpus.EOS,
+        unk_token=corpus.UNK,
+        pad_token=corpus.PAD,
+    )
 
 
 def _pack(tokenizer: PreTrainedTokenizerFast, docs: list[str], seq: int) -> torch.Tensor:
@@ -68,16 +77,30 @@ def _pack(tokenizer: PreTrainedTokenizerFast, docs: list[str], seq: int) -> torc
 
 def pretrain(recipe: PretrainRecipe, world: corpus.World, tokenizer, on_step=None) -> LlamaForCausalLM:
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=recipe.hidden, intermediate_size=recipe.intermediate,
-        num_hidden_layers=recipe.layers, num_attention_heads=recipe.heads, num_key_value_heads=recipe.heads,
-        max_position_embeddings=recipe.seq, tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        vocab_size=len(tokenizer),
+        hidden_size=recipe.hidden,
+        intermediate_size=recipe.intermediate,
+        num_hidden_layers=recipe.layers,
+        num_attention_heads=recipe.heads,
+        num_key_value_heads=recipe.heads,
+        max_position_embeddings=recipe.seq,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     data = _pack(tokenizer, corpus.pretraining_corpus(world, recipe.docs), recipe.seq)
     torch.manual_seed(recipe.init_seed)
     model = LlamaForCausalLM(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / recipe.warmup) * 0.5 * (
-        1 + math.cos(math.pi * min(s, recipe.steps) / recipe.steps)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: (
+            min(1.0, (s + 1) / recipe.warmup)
+            * 0.5
+            * (1 + math.cos(math.pi * min(s, recipe.steps) / recipe.steps))
+        ),
+    )
     gen = torch.Generator().manual_seed(0)
     perm, pos = torch.randperm(len(data), generator=gen), 0
     model.train()
@@ -104,7 +127,11 @@ def _write_jsonl(path: Path, rows) -> None:
 
 def cached_demo(recipe: PretrainRecipe) -> Path | None:
     root = cache_root() / cache_key(recipe)
-    return root if (root / "model" / "config.json").is_file() and (root / "data" / "eval.jsonl").is_file() else None
+    return (
+        root
+        if (root / "model" / "config.json").is_file() and (root / "data" / "eval.jsonl").is_file()
+        else None
+    )
 
 
 def build_demo_owner(recipe: PretrainRecipe, on_step=None) -> Path:

@@ -14,8 +14,9 @@ from offsite.training.finetune import batches
 
 
 @torch.no_grad()
-def token_perplexity(model: nn.Module, examples: Sequence[Example], pad_id: int, shift: bool,
-                     batch_size: int = 32) -> float:
+def token_perplexity(
+    model: nn.Module, examples: Sequence[Example], pad_id: int, shift: bool, batch_size: int = 32
+) -> float:
     """exp(total NLL / total loss tokens) over the whole set."""
     nll, count = 0.0, 0
     for chunk in batches(examples, batch_size, None):
@@ -24,15 +25,17 @@ def token_perplexity(model: nn.Module, examples: Sequence[Example], pad_id: int,
         labels = b["labels"]
         if shift:
             logits, labels = logits[:, :-1], labels[:, 1:]
-        nll += F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE,
-                               reduction="sum").item()
+        nll += F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
+        ).item()
         count += int((labels != IGNORE).sum())
     return math.exp(nll / max(count, 1))
 
 
 @torch.no_grad()
-def classification_accuracy(model: nn.Module, examples: Sequence[Example], pad_id: int,
-                            batch_size: int = 64) -> float:
+def classification_accuracy(
+    model: nn.Module, examples: Sequence[Example], pad_id: int, batch_size: int = 64
+) -> float:
     correct = 0
     for chunk in batches(examples, batch_size, None):
         b = collate(chunk, pad_id)
@@ -42,8 +45,9 @@ def classification_accuracy(model: nn.Module, examples: Sequence[Example], pad_i
 
 
 @torch.no_grad()
-def multiple_choice_accuracy(model: nn.Module, tokenizer, records: Sequence[Record],
-                             batch_size: int = 64) -> dict[str, float]:
+def multiple_choice_accuracy(
+    model: nn.Module, tokenizer, records: Sequence[Record], batch_size: int = 64
+) -> dict[str, float]:
     """Score each choice by the summed log-likelihood of its tokens after the question.
 
     ``acc`` picks the highest sum; ``acc_norm`` divides by the choice's length in bytes, as

@@ -61,9 +61,12 @@ class Report:
     rows: list[Row] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        return {"type": self.kind, "records": self.records,
-                "settings": {r.setting: r.metrics for r in self.rows},
-                "notes": {r.setting: r.note for r in self.rows if r.note}}
+        return {
+            "type": self.kind,
+            "records": self.records,
+            "settings": {r.setting: r.metrics for r in self.rows},
+            "notes": {r.setting: r.note for r in self.rows if r.note},
+        }
 
 
 @torch.no_grad()
@@ -81,12 +84,13 @@ def score(model: nn.Module, tokenizer, records: Sequence[Record], kind: str) -> 
 
 def _check_task(model: nn.Module, kind: str, where: Path) -> None:
     if task_of(model) is not _TASK_FOR_KIND[kind]:
-        raise OffsiteError(f"{where} is a {task_of(model).value} model; --type {kind} needs a "
-                           f"{_TASK_FOR_KIND[kind].value} model")
+        raise OffsiteError(
+            f"{where} is a {task_of(model).value} model; --type {kind} needs a "
+            f"{_TASK_FOR_KIND[kind].value} model"
+        )
 
 
-def evaluate_settings(task_file: str | os.PathLike, kind: str, inputs: EvalInputs,
-                      on_row=None) -> Report:
+def evaluate_settings(task_file: str | os.PathLike, kind: str, inputs: EvalInputs, on_row=None) -> Report:
     records = read_records(task_file, kind)
     report = Report(kind, len(records))
     bundle = Bundle.open(inputs.bundle) if inputs.bundle else None
@@ -105,15 +109,24 @@ def evaluate_settings(task_file: str | os.PathLike, kind: str, inputs: EvalInput
         model, view = bundle.load_emulator(torch.float32)
         _check_task(model, kind, bundle.path)
         if adapter is not None:
-            a = read_adapter(adapter, expected_tensors=bundle.expected_tensors, bundle_id=bundle.id,
-                             source_fingerprint=bundle.source_fingerprint)
+            a = read_adapter(
+                adapter,
+                expected_tensors=bundle.expected_tensors,
+                bundle_id=bundle.id,
+                source_fingerprint=bundle.source_fingerprint,
+            )
             view.load_state_dict(a.tensors)
         return score(model, tokenizer, records, kind)
 
     plan = [
         (SETTINGS[0], inputs.model, lambda: full(inputs.model), "needs --model"),
         (SETTINGS[1], bundle, lambda: emulator(None), "needs --bundle"),
-        (SETTINGS[2], bundle and inputs.adapter, lambda: emulator(inputs.adapter), "needs --bundle and --adapter"),
+        (
+            SETTINGS[2],
+            bundle and inputs.adapter,
+            lambda: emulator(inputs.adapter),
+            "needs --bundle and --adapter",
+        ),
         (SETTINGS[3], inputs.merged, lambda: full(inputs.merged), "needs --merged"),
         (SETTINGS[4], inputs.full_ft, lambda: full(inputs.full_ft), "needs --full-ft"),
     ]

@@ -84,7 +84,9 @@ def check_tensor_table(found: Mapping[str, dict], expected: Mapping[str, dict], 
     unexpected = sorted(set(found) - set(expected))
     missing = sorted(set(expected) - set(found))
     if unexpected:
-        raise FormatError(f"{where}: unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+        raise FormatError(
+            f"{where}: unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
+        )
     if missing:
         raise FormatError(f"{where}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     for name, exp in expected.items():
@@ -112,7 +114,9 @@ def read_adapter(
     if meta.get("format") != FORMAT:
         raise FormatError(f"{path / META_FILE}: not an offsite adapter (format={meta.get('format')!r})")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise FormatError(f"{path / META_FILE}: unsupported adapter format version {meta.get('format_version')!r}")
+        raise FormatError(
+            f"{path / META_FILE}: unsupported adapter format version {meta.get('format_version')!r}"
+        )
     if meta.get("bundle_id") != bundle_id:
         raise MismatchError(f"adapter {path} was trained on bundle {meta.get('bundle_id')}, not {bundle_id}")
     if meta.get("source_fingerprint") != source_fingerprint:
@@ -132,7 +136,10 @@ def read_adapter(
             header = {}
             for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
                 sl = f.get_slice(name)
-                header[name] = {"shape": list(sl.get_shape()), "dtype": SAFETENSORS_DTYPES.get(sl.get_dtype(), sl.get_dtype())}
+                header[name] = {
+                    "shape": list(sl.get_shape()),
+                    "dtype": SAFETENSORS_DTYPES.get(sl.get_dtype(), sl.get_dtype()),
+                }
             check_tensor_table(header, expected_tensors, str(tensors_path))
             tensors = {name: f.get_tensor(name) for name in header}
     except FormatError:

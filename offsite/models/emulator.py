@@ -24,7 +24,9 @@ def kept_middle_indices(num_middle: int, keep: int) -> list[int]:
     as the reference implementation does.
     """
     if not 1 <= keep <= num_middle:
-        raise OffsiteError(f"--emulator-layers must be between 1 and {num_middle} (middle blocks), got {keep}")
+        raise OffsiteError(
+            f"--emulator-layers must be between 1 and {num_middle} (middle blocks), got {keep}"
+        )
     if keep == 1:
         return [0]
     return [round(i * (num_middle - 1) / (keep - 1)) for i in range(keep)]

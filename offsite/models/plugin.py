@@ -52,10 +52,14 @@ def export_peft(view: AdapterView, out_dir: Path, task: Task) -> None:
             fan_in_fan_out = fan_in_fan_out or not isinstance(mod.base, nn.Linear)
             for part in ("lora_A", "lora_B"):
                 w = getattr(mod, part).weight
-                tensors[f"base_model.model.{module_path}.{part}.weight"] = w.detach().cpu().contiguous().clone()
+                tensors[f"base_model.model.{module_path}.{part}.weight"] = (
+                    w.detach().cpu().contiguous().clone()
+                )
     modules_to_save = None
     if view.spec.trains_head:
-        head_names = [n.removeprefix(HEAD_PREFIX) for n in view.named_parameters() if n.startswith(HEAD_PREFIX)]
+        head_names = [
+            n.removeprefix(HEAD_PREFIX) for n in view.named_parameters() if n.startswith(HEAD_PREFIX)
+        ]
         modules_to_save = sorted({n.rsplit(".", 1)[0] for n in head_names})
         params = dict(model.named_parameters())
         for n in head_names:

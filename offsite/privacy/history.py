@@ -174,8 +174,14 @@ def _upsert(entries: list[dict[str, Any]], run_id: str, new: Mapping[str, Any]) 
         last["steps"] = max(int(last["steps"]), int(new["steps"]))
         last["updated_at"] = now
     else:
-        entries.append({"run_id": run_id, **{k: new[k] for k in accounting.ENTRY_KEYS},
-                        "created_at": now, "updated_at": now})
+        entries.append(
+            {
+                "run_id": run_id,
+                **{k: new[k] for k in accounting.ENTRY_KEYS},
+                "created_at": now,
+                "updated_at": now,
+            }
+        )
 
 
 def _write(path: Path, dataset_id: str, entries: list[dict[str, Any]]) -> None:

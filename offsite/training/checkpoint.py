@@ -26,7 +26,9 @@ def read_meta(directory: Path) -> dict:
     return read_json(directory / META, "training state")
 
 
-def save(directory: Path, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer, meta: dict) -> None:
+def save(
+    directory: Path, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer, meta: dict
+) -> None:
     """Write parameters and AdamW moments first, then the JSON that makes them current."""
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {f"param.{n}": p.detach().contiguous() for n, p in params.items()}

@@ -55,8 +55,19 @@ def _lr_at(step: int, cfg: DistillConfig) -> float:
 
 
 class Distiller:
-    def __init__(self, teacher: nn.Module, student: nn.Module, layer_map: list[int], bottom: int, top: int,
-                 cfg: DistillConfig, *, pad_id: int, shift: bool, use_lm: bool):
+    def __init__(
+        self,
+        teacher: nn.Module,
+        student: nn.Module,
+        layer_map: list[int],
+        bottom: int,
+        top: int,
+        cfg: DistillConfig,
+        *,
+        pad_id: int,
+        shift: bool,
+        use_lm: bool,
+    ):
         self.teacher, self.student, self.cfg = teacher, student, cfg
         self.pad_id, self.shift, self.use_lm = pad_id, shift, use_lm
         total = len(get_blocks(teacher))
@@ -76,18 +87,26 @@ class Distiller:
 
     def losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
-            h_t = self.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                               output_hidden_states=True).hidden_states[self.teacher_index]
-        out = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           output_hidden_states=True)
+            h_t = self.teacher(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                output_hidden_states=True,
+            ).hidden_states[self.teacher_index]
+        out = self.student(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True
+        )
         kd = kd_loss(h_t.float(), out.hidden_states[self.student_index].float(), batch["attention_mask"])
         lm = torch.zeros(())
         if self.use_lm:
             lm = loss_from_logits(out.logits, batch["labels"], self.shift).mean()
         return lm, kd
 
-    def train(self, examples: Sequence[Example], on_step: Callable[[int, float], None] | None = None,
-              checkpoint: Path | None = None) -> float:
+    def train(
+        self,
+        examples: Sequence[Example],
+        on_step: Callable[[int, float], None] | None = None,
+        checkpoint: Path | None = None,
+    ) -> float:
         cfg = self.cfg
         if checkpoint is not None:
             self._maybe_resume(checkpoint)
@@ -111,7 +130,9 @@ class Distiller:
                 kd_value = kd.item()
                 if on_step:
                     on_step(self.step, kd_value)
-                if checkpoint is not None and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
+                if checkpoint is not None and (
+                    self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps
+                ):
                     self._save(checkpoint)
         self.student.eval()
         self.student.requires_grad_(False)
@@ -128,12 +149,15 @@ class Distiller:
         return dict(zip(self.names, self.params, strict=True))
 
     def _save(self, directory: Path) -> None:
-        checkpoint.save(directory, self._params_by_name(), self.optimizer,
-                        {"step": self.step, "config": asdict(self.cfg)})
+        checkpoint.save(
+            directory, self._params_by_name(), self.optimizer, {"step": self.step, "config": asdict(self.cfg)}
+        )
 
     def _maybe_resume(self, directory: Path) -> None:
         if not checkpoint.exists(directory):
             return
         if checkpoint.read_meta(directory).get("config") != asdict(self.cfg):
-            raise OffsiteError(f"{directory} holds a distillation run with other settings; remove it to start over")
+            raise OffsiteError(
+                f"{directory} holds a distillation run with other settings; remove it to start over"
+            )
         self.step = int(checkpoint.load(directory, self._params_by_name(), self.optimizer)["step"])

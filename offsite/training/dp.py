@@ -70,16 +70,20 @@ def make_plan(
     """Choose q, steps and σ: σ is the smallest noise keeping the dataset's *total* ε
     (recorded history composed with this run) within ``epsilon``, unless given explicitly."""
     if n_records < batch_size:
-        raise DataError(f"the dataset has fewer records than one batch (--batch-size {batch_size}); "
-                        "lower --batch-size or add data")
+        raise DataError(
+            f"the dataset has fewer records than one batch (--batch-size {batch_size}); "
+            "lower --batch-size or add data"
+        )
     if epochs < 1:
         raise OffsiteError("--epochs must be at least 1")
     if max_grad_norm <= 0:
         raise OffsiteError("--max-grad-norm must be positive")
     delta = default_delta(n_records) if delta is None else delta
     if not 0 < delta < 1 / n_records:
-        raise BudgetError(f"δ={delta:g} is not below 1/N for this dataset; δ ≥ 1/N permits releasing a record "
-                          "outright. Use a smaller --delta (the default is at most 1/(10·N)).")
+        raise BudgetError(
+            f"δ={delta:g} is not below 1/N for this dataset; δ ≥ 1/N permits releasing a record "
+            "outright. Use a smaller --delta (the default is at most 1/(10·N))."
+        )
     q = batch_size / n_records
     steps = epochs * math.ceil(n_records / batch_size)
     if noise_multiplier is None:
@@ -93,8 +97,10 @@ def make_plan(
         if epsilon is not None:
             total = accounting.epsilon_prv([*prior_history, accounting.make_entry(sigma, q, steps)], delta)
             if total > epsilon:
-                raise BudgetError(f"σ={sigma:g} for {steps} steps at q={q:.4g} brings this dataset's total to "
-                                  f"ε={total:.3f} at δ={delta:g}, above --epsilon {epsilon:g}")
+                raise BudgetError(
+                    f"σ={sigma:g} for {steps} steps at q={q:.4g} brings this dataset's total to "
+                    f"ε={total:.3f} at δ={delta:g}, above --epsilon {epsilon:g}"
+                )
     return DPPlan(sigma, q, steps, delta, max_grad_norm, batch_size)
 
 
@@ -103,12 +109,18 @@ def os_generator() -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
 
 
-def make_dp_optimizer(optimizer: torch.optim.Optimizer, plan: DPPlan,
-                      generator: torch.Generator) -> DPOptimizerFastGradientClipping:
+def make_dp_optimizer(
+    optimizer: torch.optim.Optimizer, plan: DPPlan, generator: torch.Generator
+) -> DPOptimizerFastGradientClipping:
     """Opacus' noise step: p.grad (the clipped sum) + N(0, (σC)²), divided by the expected batch size."""
     return DPOptimizerFastGradientClipping(
-        optimizer, noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,
-        expected_batch_size=plan.expected_batch_size, loss_reduction="mean", generator=generator)
+        optimizer,
+        noise_multiplier=plan.noise_multiplier,
+        max_grad_norm=plan.max_grad_norm,
+        expected_batch_size=plan.expected_batch_size,
+        loss_reduction="mean",
+        generator=generator,
+    )
 
 
 @dataclass
@@ -128,8 +140,10 @@ class DPTrainState:
 
     def load(self, identity: dict, params: dict[str, nn.Parameter], optimizer) -> int:
         if self.read_meta().get("identity") != identity:
-            raise OffsiteError(f"{self.directory} holds an interrupted run with other inputs or settings; "
-                               "remove it to start over (its spent budget stays recorded)")
+            raise OffsiteError(
+                f"{self.directory} holds an interrupted run with other inputs or settings; "
+                "remove it to start over (its spent budget stays recorded)"
+            )
         return int(checkpoint.load(self.directory, params, optimizer)["step"])
 
 
@@ -164,8 +178,12 @@ def train_dp(
         noise_gen = torch.Generator().manual_seed(noise_seed)
         sample_gen = torch.Generator().manual_seed(noise_seed + 1)
     dp_optimizer = make_dp_optimizer(optimizer, plan, noise_gen)
-    sampler = UniformWithReplacementSampler(num_samples=len(examples), sample_rate=plan.sample_rate,
-                                            generator=sample_gen, steps=plan.steps - start)
+    sampler = UniformWithReplacementSampler(
+        num_samples=len(examples),
+        sample_rate=plan.sample_rate,
+        generator=sample_gen,
+        steps=plan.steps - start,
+    )
     clipper = PerSampleClipper(model, plan.max_grad_norm)
     steps_per_epoch = math.ceil(1 / plan.sample_rate)
     model.train()
@@ -199,4 +217,3 @@ def train_dp(
                 on_epoch(math.ceil(step / steps_per_epoch) - 1)
                 model.train()
     model.eval()
-

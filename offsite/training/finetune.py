@@ -34,7 +34,9 @@ def batches(examples: Sequence[Example], batch_size: int, generator: torch.Gener
 
 
 @torch.no_grad()
-def mean_loss(model: nn.Module, examples: Sequence[Example], pad_id: int, shift: bool, batch_size: int = 32) -> float:
+def mean_loss(
+    model: nn.Module, examples: Sequence[Example], pad_id: int, shift: bool, batch_size: int = 32
+) -> float:
     """Mean over records of each record's own loss."""
     was_training = model.training
     model.eval()

@@ -550,4 +550,3 @@ class PerSampleClipper:
                 total[n] = total[n] + v if n in total else v
         self.last_costs.append(LayerCost(rec.name, "generic", 10 * batch * numel, 6 * batch * numel))
         return self._store_or_book(rec, total, sq)
-
