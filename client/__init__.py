@@ -1,1 +1,1 @@
-"""The data owner's side (installed as ``offsite.client``): local paths and, later, the gRPC client."""
+"""The data owner's side (installed as ``offsite.client``): the gRPC client arrives with the service."""

@@ -29,11 +29,16 @@ def plug(
     adapter_dir: str | os.PathLike,
     out: str | os.PathLike,
     bundle_dir: str | os.PathLike | None = None,
+    owner_dir: str | os.PathLike | None = None,
 ) -> PlugResult:
-    """Check ``adapter_dir`` against the bundle it claims and ``model_dir``, then write the merged model."""
+    """Check ``adapter_dir`` against the bundle it claims and ``model_dir``, then write the merged model.
+
+    The bundle's manifest comes from ``bundle_dir``, or else from the record of issued bundles in
+    ``owner_dir``; one of the two is needed.
+    """
     model_dir, adapter_dir, out = Path(model_dir), Path(adapter_dir), check_new_output(out)
     claimed = read_json(adapter_dir / META_FILE, "adapter metadata").get("bundle_id")
-    manifest = issued_manifest(str(claimed), bundle_dir)
+    manifest = issued_manifest(str(claimed), owner_dir, bundle_dir)
     fingerprint = model_fingerprint(model_dir)
     if manifest["source"]["fingerprint"] != fingerprint:
         raise MismatchError(

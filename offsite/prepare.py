@@ -49,7 +49,9 @@ class PrepareOptions:
     distill_data: Path | None = None
     distill: DistillConfig | None = None
     distill_checkpoint: Path | None = None
-    owner_dir: Path | None = None  # where issued bundles are recorded (default: the owner's state directory)
+    owner_dir: Path | None = (
+        None  # where issued bundles are recorded (the CLI passes the owner's state directory)
+    )
 
 
 @dataclass
@@ -183,7 +185,8 @@ def prepare(
             source=source,
             distillation=distillation,
         )
-    record_issued(Path(out), bundle_id, opts.owner_dir)
+    if opts.owner_dir is not None:
+        record_issued(Path(out), bundle_id, opts.owner_dir)
     return PrepareResult(bundle_id, layer_map, distillation)
 
 

@@ -19,7 +19,6 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from offsite import crypto
-from offsite.client.paths import default_client_dir
 from offsite.data import CLS, LM, MLM, Example, Record, make_examples, max_positions, read_records
 from offsite.errors import DataError
 from offsite.fileio import check_new_output, staged_directory
@@ -53,8 +52,8 @@ class TuneOptions:
     physical_batch_size: int = 32
     noise_seed: int | None = None  # test only: recorded in the receipt
     checkpoint_every: int = 20
-    keys_dir: Path | None = None  # default: the client credentials directory
-    budget_dir: Path | None = None  # budget histories; default: the client credentials directory
+    keys_dir: Path | None = None  # signing key and salt: required under DP
+    budget_dir: Path | None = None  # budget histories: required under DP
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "physical_batch_size", "checkpoint_every"):
@@ -154,6 +153,8 @@ def tune(
     opts.validate()
     keys = None
     if opts.dp:
+        if opts.keys_dir is None or opts.budget_dir is None:
+            raise ValueError("a DP run needs TuneOptions.keys_dir and budget_dir (see offsite.state)")
         keys = DataOwnerKeys.load(opts.keys_dir)
         if not opts.dataset_id:
             raise DataError("--dataset-id is required under DP: the budget is tracked per dataset")
@@ -242,9 +243,9 @@ class DataOwnerKeys:
     salt: bytes
 
     @classmethod
-    def load(cls, keys_dir: Path | None) -> DataOwnerKeys:
+    def load(cls, keys_dir: Path) -> DataOwnerKeys:
         """The signing key and dataset salt; a DP run needs both for its receipt."""
-        paths = crypto.KeyPaths.in_dir(keys_dir or default_client_dir())
+        paths = crypto.KeyPaths.in_dir(keys_dir)
         if not paths.private_key.is_file() or not paths.salt.is_file():
             raise DataError(
                 f"no signing key in {paths.private_key.parent}: run `offsite client keys init` first"

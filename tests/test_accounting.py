@@ -199,9 +199,18 @@ def test_history_file_is_atomic_and_private(tmp_path):
     assert sorted(p.name for p in path.parent.iterdir()) == ["ds1.json", "ds1.json.lock"]
 
 
-def test_history_default_dir_from_env(tmp_path, monkeypatch):
+def test_state_dirs_from_env(tmp_path, monkeypatch):
+    from offsite import state
+
     monkeypatch.setenv("OFFSITE_CLIENT_DIR", str(tmp_path / "envdir"))
-    history.record("ds", "r", make_entry(1.0, 0.02, 5))
+    monkeypatch.setenv("OFFSITE_OWNER_DIR", str(tmp_path / "ownerdir"))
+    monkeypatch.setenv("OFFSITE_CACHE_DIR", str(tmp_path / "cachedir"))
+    assert (state.client_dir(), state.owner_dir(), state.cache_dir()) == (
+        tmp_path / "envdir",
+        tmp_path / "ownerdir",
+        tmp_path / "cachedir",
+    )
+    history.record("ds", "r", make_entry(1.0, 0.02, 5), state.client_dir())
     assert (tmp_path / "envdir" / "budgets" / "ds.json").is_file()
 
 

@@ -48,6 +48,7 @@ def _opts(setup, **kw):
         dataset_id="ds",
         noise_multiplier=1.0,
         keys_dir=setup / "keys",
+        budget_dir=setup / "keys",
     )
     base.update(kw)
     return TuneOptions(**base)
@@ -190,13 +191,13 @@ def test_interrupted_run_resumes_without_resetting_budget(setup, tmp_path):
             on_step=stop_at_3,
         )
     assert not out.exists() and state_dir_for(out).is_dir()
-    spent = history.load_history("resume")
+    spent = history.load_history("resume", setup / "keys")
     assert [e["steps"] for e in spent] == [4]  # the whole run was reserved before it started
     result = tune(
         setup / "bundle", setup / "train.jsonl", out, _opts(setup, dataset_id="resume", checkpoint_every=2)
     )
     assert result.resumed_from == 2
-    final = history.load_history("resume")
+    final = history.load_history("resume", setup / "keys")
     assert len(final) == 1 and final[0]["steps"] == 4 and final[0]["run_id"] == result.run_id
     assert not state_dir_for(out).exists()
 
@@ -229,4 +230,4 @@ def test_refusals_leave_nothing_behind(setup, tmp_path):
         tune(tmp_path / "bad_bundle", setup / "train.jsonl", tmp_path / "o5", _opts(setup))
     for i in range(1, 7):
         assert not (tmp_path / f"o{i}").exists()
-    assert history.load_history("ds") == []
+    assert history.load_history("ds", setup / "keys") == []

@@ -24,9 +24,23 @@ from offsite.models.adapters import AdapterView, identity_positions
 from offsite.models.emulator import build_emulator, emulator_layer_map, kept_middle_indices
 from offsite.models.loading import load_model
 from offsite.models.registry import architecture_for, get_blocks
-from offsite.plug import plug
-from offsite.prepare import PrepareOptions, prepare
+from offsite.plug import plug as _plug
+from offsite.prepare import PrepareOptions
+from offsite.prepare import prepare as _prepare
+from offsite.state import owner_dir
 from offsite.tune import adapter_tensors_for_export
+
+
+def prepare(model, out, opts: PrepareOptions):
+    """As the CLI does: record the issued bundle in the owner's state (isolated per test)."""
+    opts.owner_dir = owner_dir()
+    return _prepare(model, out, opts)
+
+
+def plug(model, adapter, out):
+    """As the CLI does: find the bundle in the owner's record of issued bundles."""
+    return _plug(model, adapter, out, owner_dir=owner_dir())
+
 
 TOKENS = torch.tensor([[7, 8, 9, 10, 11, 12, 13], [14, 15, 16, 17, 18, 19, 20]])
 

@@ -102,6 +102,7 @@ def add_dp_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from offsite import state
     from offsite.cli.progress import step_bar
     from offsite.tune import TuneOptions, tune
 
@@ -131,7 +132,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         max_grad_norm=args.max_grad_norm,
         physical_batch_size=args.physical_batch_size,
         noise_seed=args.insecure_noise_seed,
-        keys_dir=args.keys_dir,
+        keys_dir=args.keys_dir or state.client_dir(),
+        budget_dir=state.client_dir(),
     )
     if opts.dp and opts.epsilon is None and opts.noise_multiplier is None:
         from offsite.errors import OffsiteError
@@ -206,13 +208,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_budget(args: argparse.Namespace) -> int:
+    from offsite import state
     from offsite.privacy import accounting, history
 
-    ids = args.dataset_ids or history.dataset_ids()
+    budgets = state.client_dir()
+    ids = args.dataset_ids or history.dataset_ids(budgets)
     rows = []
     for dataset_id in ids:
-        entries = history.load_history(history.validate_dataset_id(dataset_id))
-        eps = history.spent_epsilon(dataset_id, accounting.validate_delta(args.delta))
+        entries = history.load_history(history.validate_dataset_id(dataset_id), budgets)
+        eps = history.spent_epsilon(dataset_id, accounting.validate_delta(args.delta), budgets)
         rows.append(
             {
                 "dataset_id": dataset_id,

@@ -45,9 +45,9 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
 
     directory = args.dir
     if directory is None:
-        from offsite.client.paths import default_client_dir
+        from offsite import state
 
-        directory = default_client_dir()
+        directory = state.client_dir()
     paths = crypto.init_client_keys(directory, force=args.force)
     fingerprint = crypto.public_key_fingerprint(crypto.load_public_key(paths.public_key))
     info = {

@@ -107,6 +107,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    from offsite import state
     from offsite.prepare import PrepareOptions, prepare
 
     distill = None
@@ -129,6 +130,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         distill_data=args.distill_data,
         distill=distill,
         distill_checkpoint=args.distill_checkpoint,
+        owner_dir=state.owner_dir(),
     )
     if distill:
         with step_bar("distilling emulator", distill.steps, "kd") as on_step:
@@ -173,9 +175,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_plug(args: argparse.Namespace) -> int:
+    from offsite import state
     from offsite.plug import plug
 
-    result = plug(args.model, args.adapter, args.out, args.bundle)
+    result = plug(args.model, args.adapter, args.out, args.bundle, state.owner_dir())
     if args.json:
         print_json(
             {

@@ -12,10 +12,10 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import platformdirs
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from offsite import state
 from offsite.demo import corpus
 from offsite.fileio import canonical_json, sha256_bytes, staged_directory
 
@@ -37,7 +37,7 @@ class PretrainRecipe:
 
 
 def cache_root() -> Path:
-    return Path(platformdirs.user_cache_dir("offsite")) / "demo"
+    return state.cache_dir() / "demo"
 
 
 def cache_key(recipe: PretrainRecipe) -> str:

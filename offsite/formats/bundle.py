@@ -19,7 +19,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import platformdirs
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -166,20 +165,16 @@ def _check_manifest(m: dict, where: Path) -> None:
 
 
 # -- the owner's record of the bundles it issued ---------------------------------
-def owner_dir() -> Path:
-    """The model owner's local state (``OFFSITE_OWNER_DIR`` overrides it)."""
-    env = os.environ.get("OFFSITE_OWNER_DIR")
-    return Path(env) if env else Path(platformdirs.user_data_dir("offsite")) / "owner"
-
-
-def record_issued(bundle_path: Path, bundle_id: str, state_dir: Path | None = None) -> Path:
+def record_issued(bundle_path: Path, bundle_id: str, owner_dir: Path) -> Path:
     """Keep a copy of an issued bundle's manifest so adapters can be checked against it later."""
-    dest = (state_dir or owner_dir()) / "bundles" / f"{bundle_id}.json"
+    dest = owner_dir / "bundles" / f"{bundle_id}.json"
     write_bytes_atomic(dest, (bundle_path / MANIFEST).read_bytes())
     return dest
 
 
-def issued_manifest(bundle_id: str, bundle_path: str | os.PathLike | None = None) -> dict:
+def issued_manifest(
+    bundle_id: str, owner_dir: str | os.PathLike | None, bundle_path: str | os.PathLike | None = None
+) -> dict:
     """The manifest of bundle ``bundle_id``: from ``bundle_path`` if given, else the owner's record.
 
     The manifest's own hash must equal the id, so a record cannot be swapped.
@@ -190,8 +185,12 @@ def issued_manifest(bundle_id: str, bundle_path: str | os.PathLike | None = None
         raise FormatError(f"malformed bundle id {bundle_id!r}")
     if bundle_path is not None:
         source = Path(bundle_path) / MANIFEST
+    elif owner_dir is None:
+        raise FormatError(
+            f"no record of issued bundles to find bundle {bundle_id[:12]}… in; pass --bundle DIR"
+        )
     else:
-        source = owner_dir() / "bundles" / f"{bundle_id}.json"
+        source = Path(owner_dir) / "bundles" / f"{bundle_id}.json"
         if not source.is_file():
             raise FormatError(
                 f"bundle {bundle_id[:12]}… was not issued from this machine (no record in {source.parent}); "

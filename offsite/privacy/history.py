@@ -65,17 +65,9 @@ def validate_run_id(run_id: Any) -> str:
     return run_id
 
 
-def _client_dir(client_dir: str | os.PathLike | None) -> Path:
-    if client_dir is not None:
-        return Path(client_dir)
-    from offsite.client.paths import default_client_dir
-
-    return default_client_dir()
-
-
-def history_path(dataset_id: str, client_dir: str | os.PathLike | None = None) -> Path:
+def history_path(dataset_id: str, client_dir: str | os.PathLike) -> Path:
     """``<client_dir>/budgets/<dataset_id>.json``."""
-    return _client_dir(client_dir) / BUDGETS_DIR / f"{validate_dataset_id(dataset_id)}.json"
+    return Path(client_dir) / BUDGETS_DIR / f"{validate_dataset_id(dataset_id)}.json"
 
 
 def _now() -> str:
@@ -99,7 +91,7 @@ def _load(path: Path, dataset_id: str) -> list[dict[str, Any]]:
     return entries
 
 
-def load_history(dataset_id: str, client_dir: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+def load_history(dataset_id: str, client_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """Every recorded mechanism entry for ``dataset_id`` (empty if nothing was ever recorded)."""
     return _load(history_path(dataset_id, client_dir), dataset_id)
 
@@ -126,7 +118,7 @@ def record(
     dataset_id: str,
     run_id: str,
     entry: Mapping[str, Any],
-    client_dir: str | os.PathLike | None = None,
+    client_dir: str | os.PathLike,
 ) -> list[dict[str, Any]]:
     """Create or update ``run_id``'s entry for the phase ``entry`` describes; return the full history.
 
@@ -148,7 +140,7 @@ def reserve(
     dataset_id: str,
     run_id: str,
     plan: Callable[[list[dict[str, Any]]], tuple[Mapping[str, Any], T]],
-    client_dir: str | os.PathLike | None = None,
+    client_dir: str | os.PathLike,
 ) -> T:
     """Plan a run against the recorded history and record its whole phase, in one locked step.
 
@@ -192,16 +184,16 @@ def _write(path: Path, dataset_id: str, entries: list[dict[str, Any]]) -> None:
 def spent_epsilon(
     dataset_id: str,
     delta: float,
-    client_dir: str | os.PathLike | None = None,
+    client_dir: str | os.PathLike,
     eps_error: float = accounting.DEFAULT_EPS_ERROR,
 ) -> accounting.Epsilon:
     """ε spent on ``dataset_id`` so far at ``delta``: all recorded runs composed."""
     return accounting.epsilon(load_history(dataset_id, client_dir), delta, eps_error)
 
 
-def dataset_ids(client_dir: str | os.PathLike | None = None) -> list[str]:
+def dataset_ids(client_dir: str | os.PathLike) -> list[str]:
     """Every dataset id with a recorded history on this machine."""
-    directory = _client_dir(client_dir) / BUDGETS_DIR
+    directory = Path(client_dir) / BUDGETS_DIR
     if not directory.is_dir():
         return []
     ids = (p.stem for p in directory.glob("*.json"))

@@ -1,0 +1,67 @@
+"""One way to declare and read every JSON format that crosses a machine boundary.
+
+Each format (bundle manifest, adapter metadata, privacy receipt, ...) is a pydantic model derived
+from ``Schema``: the same class validates untrusted bytes, builds documents, and gives the JSON
+Schema that ``docs/formats.md`` is checked against. ``parse`` is the only entry point for untrusted
+input: it bounds the size, parses the exact bytes it is given (so callers hash and parse the same
+bytes; a file is never read twice) and turns every failure into a ``FormatError`` that names the
+offending field, never a traceback.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from offsite.errors import FormatError
+
+#: No metadata file (manifest, adapter.json, receipt, budget history) may be larger than this.
+MAX_METADATA_BYTES = 1 << 20
+
+T = TypeVar("T", bound="Schema")
+
+
+class Schema(BaseModel):
+    """Base of every format: unknown fields are refused, types are strict (``true`` is not 1, ``"1"``
+    is not 1), numbers are finite, and parsed documents are immutable."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
+
+
+def _where(what: str, loc: tuple[Any, ...]) -> str:
+    path = what
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return path
+
+
+def describe(error: ValidationError, what: str) -> str:
+    """``what.field[2].sub: message (and N more problems)``: the first problem, by field path."""
+    errors = error.errors(include_url=False)
+    first = errors[0]
+    message = f"{_where(what, first['loc'])}: {first['msg']}"
+    if first["type"] not in ("missing", "extra_forbidden") and "input" in first:
+        shown = repr(first["input"])
+        message += f", got {shown[:80]}{'…' if len(shown) > 80 else ''}"
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    return message
+
+
+def parse(model: type[T], data: bytes, what: str, max_bytes: int = MAX_METADATA_BYTES) -> T:
+    """Validate the JSON document ``data`` as ``model``; ``what`` names it in errors (e.g. a path)."""
+    if len(data) > max_bytes:
+        raise FormatError(f"{what}: {len(data)} bytes, more than the {max_bytes}-byte limit for metadata")
+    try:
+        return model.model_validate_json(data)
+    except ValidationError as e:
+        raise FormatError(describe(e, what)) from None
+
+
+def validate(model: type[T], obj: Any, what: str) -> T:
+    """Validate an already-parsed object (a document being built, or one nested in another)."""
+    try:
+        return model.model_validate(obj)
+    except ValidationError as e:
+        raise FormatError(describe(e, what)) from None
