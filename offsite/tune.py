@@ -522,6 +522,11 @@ def _train_private(
                 noise_multiplier=opts.noise_multiplier,
                 max_grad_norm=opts.max_grad_norm,
             )
+            # The receipt states ε by both accountants for this run and for the composition: compute
+            # them now (they are cached for the receipt), so that an accountant that cannot refuses the
+            # run before anything is reserved, not after training.
+            accounting.epsilon([p.entry(p.steps)], p.delta)
+            accounting.epsilon([*target.prior, p.entry(p.steps)], p.delta)
             return reservation.Planned(p.entry(p.steps), p.delta, p)
 
         def commit_step_zero(p: DPPlan) -> None:
