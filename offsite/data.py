@@ -29,6 +29,9 @@ class Record:
     source: str  # "file:line", for error messages
     fields: dict
     raw: bytes = field(repr=False, default=b"")  # the record's bytes, for the dataset fingerprint
+    # What identifies the record whatever file it came from (set by ``read_records``): canonical JSON
+    # of the fields its task reads, after parsing, so its JSONL, CSV and text forms are equal.
+    canonical: bytes = field(repr=False, default=b"")
 
 
 def _format_of(path: Path) -> str:
@@ -123,7 +126,18 @@ def _validate(r: Record, kind: str) -> Record:
     elif kind == CLS:
         _need_str(r, "text")
         r = Record(r.source, {**f, "label": _as_int(r, "label")}, r.raw)
-    return r
+    return Record(r.source, r.fields, r.raw, _canonical(r.fields, kind))
+
+
+def _canonical(fields: dict, kind: str) -> bytes:
+    if kind == MC:
+        used = ("question", "choices", "answer")
+    elif kind == CLS:
+        used = ("text", "label")
+    else:
+        used = ("text",) if "text" in fields else ("prompt", "completion")
+    doc = {k: fields[k] for k in used}
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
 def _as_int(r: Record, key: str) -> int:

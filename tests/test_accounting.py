@@ -196,7 +196,7 @@ def test_history_file_is_atomic_and_private(tmp_path):
     assert doc["format"] == "offsite-budget-history" and doc["dataset_id"] == "ds1"
     assert os.stat(path).st_mode & 0o777 == 0o600
     # No temporary file is left behind by the atomic write.
-    assert sorted(p.name for p in path.parent.iterdir()) == ["ds1.json", "ds1.json.lock"]
+    assert sorted(p.name for p in path.parent.iterdir()) == [".lock", "ds1.json"]
 
 
 def test_state_dirs_from_env(tmp_path, monkeypatch):
@@ -253,7 +253,7 @@ def test_reservations_on_one_dataset_are_serialised(tmp_path):
     import threading
     import time
 
-    from offsite.privacy import history
+    from offsite.privacy import history, reservation
     from offsite.privacy.accounting import make_entry
 
     seen: dict[str, list] = {}
@@ -261,12 +261,13 @@ def test_reservations_on_one_dataset_are_serialised(tmp_path):
     def start(run_id: str, delay: float) -> None:
         time.sleep(delay)
 
-        def plan(prior):
-            seen[run_id] = prior
+        def plan(target):
+            seen[run_id] = target.prior
             time.sleep(0.3)  # planning (noise calibration) takes a while
-            return make_entry(1.0, 0.1, 10), None
+            return reservation.Planned(make_entry(1.0, 0.1, 10), 1e-5, None)
 
-        history.reserve("shared", run_id, plan, tmp_path)
+        request = reservation.Request(epsilon=50.0 if run_id == "first" else None, delta=None, records=[b"r"])
+        reservation.reserve("shared", run_id, request, plan, tmp_path)
 
     threads = [
         threading.Thread(target=start, args=("first", 0.0)),

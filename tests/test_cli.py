@@ -76,7 +76,7 @@ def test_whole_flow_from_the_command_line(tmp_path, env):
         )
     )
 
-    run("client", "keys", "init", env=env)
+    keys = json.loads(run("client", "keys", "init", "--json", env=env).stdout)
     prep = json.loads(
         run(
             "owner",
@@ -125,7 +125,7 @@ def test_whole_flow_from_the_command_line(tmp_path, env):
         abs(budget["datasets"][0]["epsilon"]["prv_upper"] - out["epsilon"]["cumulative"]["prv_upper"]) < 1e-6
     )
 
-    pub = tmp_path / "client" / "signing_key.pub.pem"
+    pub = keys["public_key"]  # the data owner hands this file to its auditor
     audit = json.loads(
         run(
             "audit",

@@ -72,7 +72,7 @@ def test_distillation_resumes_from_its_checkpoint(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         d2.train(examples, on_step=stop, checkpoint=tmp_path / "ckpt")
-    assert json.loads((tmp_path / "ckpt" / "state.json").read_text())["step"] == 3
+    assert json.loads((tmp_path / "ckpt" / "state.json").read_text())["meta"]["step"] == 3
     _, resumed, _, d3 = _distiller(src, cfg, layer_map)
     d3.train(examples, checkpoint=tmp_path / "ckpt")
     for (n, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items(), strict=True):

@@ -10,7 +10,7 @@ import torch
 from tiny import WORDS, make_tiny_checkpoint
 
 from offsite import crypto
-from offsite.errors import BudgetError, DataError, IntegrityError, OffsiteError
+from offsite.errors import BudgetError, DataError, FormatError, IntegrityError, OffsiteError
 from offsite.formats.bundle import Bundle
 from offsite.prepare import PrepareOptions, prepare
 from offsite.privacy import history
@@ -39,6 +39,12 @@ def setup(tmp_path_factory):
     return root
 
 
+def _budgets(setup, dataset_id):
+    # One budget directory per dataset id: the tests reuse the same records under several ids, which
+    # one directory would (rightly) refuse as overlapping datasets.
+    return setup / "budgets" / dataset_id
+
+
 def _opts(setup, **kw):
     base = dict(
         epochs=1,
@@ -46,11 +52,12 @@ def _opts(setup, **kw):
         lr=1e-2,
         eval_fraction=0.0,
         dataset_id="ds",
+        epsilon=20.0,  # the dataset's budget (first run); σ is given, so it is only checked
         noise_multiplier=1.0,
         keys_dir=setup / "keys",
-        budget_dir=setup / "keys",
     )
     base.update(kw)
+    base.setdefault("budget_dir", _budgets(setup, base["dataset_id"] or "none"))
     return TuneOptions(**base)
 
 
@@ -99,7 +106,7 @@ def test_dp_run_moves_only_the_adapter_and_writes_a_valid_receipt(setup, tmp_pat
     moved = [n for n, t in trained.items() if not torch.equal(t, view.state_dict()[n])]
     assert len(moved) == len(trained)  # every adapter tensor moved
     report = verify_receipt(
-        tmp_path / "a", public_key=crypto.load_public_key(setup / "keys" / crypto.PUBLIC_KEY_FILE)
+        tmp_path / "a", public_key=crypto.load_public_key(crypto.KeyPaths.in_dir(setup / "keys").public_key)
     )
     assert report.ok and report.signer_verified
     r = result.receipt
@@ -158,12 +165,34 @@ def test_budget_is_total_per_dataset_and_composes(setup, tmp_path):
             _opts(setup, dataset_id="budget", noise_multiplier=None, epsilon=3.0),
         )
     assert not (tmp_path / "a2").exists()
+    # The budget is the pair the first run fixed: asking for more ε is refused (another δ too, see
+    # test_budgets.py)...
+    delta = first.receipt["delta"]
+    with pytest.raises(BudgetError, match="offsite client set-budget budget --epsilon E --delta D"):
+        tune(
+            setup / "bundle",
+            setup / "train.jsonl",
+            tmp_path / "a3",
+            _opts(setup, dataset_id="budget", noise_multiplier=None, epsilon=5.0),
+        )
+    assert (
+        not (tmp_path / "a3").exists() and len(history.load_history("budget", _budgets(setup, "budget"))) == 1
+    )
+    # ... until it is changed explicitly, which is recorded.
+    history.set_budget("budget", 5.0, delta, _budgets(setup, "budget"))
     second = tune(
         setup / "bundle",
         setup / "train.jsonl",
         tmp_path / "a3",
-        _opts(setup, dataset_id="budget", noise_multiplier=None, epsilon=5.0),
+        _opts(setup, dataset_id="budget", noise_multiplier=None, epsilon=None),
     )
+    assert [
+        (c["epsilon"], c["how"])
+        for c in history.budget_for_receipt("budget", _budgets(setup, "budget"))["changes"]
+    ] == [
+        (3.0, "first-run"),
+        (5.0, "set-budget"),
+    ]
     eps = second.receipt["epsilon"]
     assert eps["cumulative"]["prv_upper"] <= 5.0 + 1e-9
     assert eps["this_run"]["prv_upper"] < eps["cumulative"]["prv_upper"]
@@ -191,13 +220,13 @@ def test_interrupted_run_resumes_without_resetting_budget(setup, tmp_path):
             on_step=stop_at_3,
         )
     assert not out.exists() and state_dir_for(out).is_dir()
-    spent = history.load_history("resume", setup / "keys")
+    spent = history.load_history("resume", _budgets(setup, "resume"))
     assert [e["steps"] for e in spent] == [4]  # the whole run was reserved before it started
     result = tune(
         setup / "bundle", setup / "train.jsonl", out, _opts(setup, dataset_id="resume", checkpoint_every=2)
     )
     assert result.resumed_from == 2
-    final = history.load_history("resume", setup / "keys")
+    final = history.load_history("resume", _budgets(setup, "resume"))
     assert len(final) == 1 and final[0]["steps"] == 4 and final[0]["run_id"] == result.run_id
     assert not state_dir_for(out).exists()
 
@@ -209,7 +238,7 @@ def test_refusals_leave_nothing_behind(setup, tmp_path):
         tune(setup / "bundle", empty, tmp_path / "o1", _opts(setup))
     with pytest.raises(DataError, match="fewer records than one batch"):
         tune(setup / "bundle", setup / "train.jsonl", tmp_path / "o2", _opts(setup, batch_size=128))
-    with pytest.raises(DataError, match="keys init"):
+    with pytest.raises(OffsiteError, match="keys init"):
         tune(
             setup / "bundle",
             setup / "train.jsonl",
@@ -230,4 +259,174 @@ def test_refusals_leave_nothing_behind(setup, tmp_path):
         tune(tmp_path / "bad_bundle", setup / "train.jsonl", tmp_path / "o5", _opts(setup))
     for i in range(1, 7):
         assert not (tmp_path / f"o{i}").exists()
-    assert history.load_history("ds", setup / "keys") == []
+    assert history.load_history("ds", _budgets(setup, "ds")) == []
+
+
+# -- crashes, options and non-finite adapters ------------------------------------------------------
+
+
+def test_ctrl_c_before_the_first_periodic_checkpoint_resumes_under_its_reservation(setup, tmp_path):
+    out = tmp_path / "a"
+
+    def stop_at_1(step, _):
+        if step == 1:
+            raise KeyboardInterrupt
+
+    opts = _opts(setup, dataset_id="early", checkpoint_every=20)
+    with pytest.raises(KeyboardInterrupt):
+        tune(setup / "bundle", setup / "train.jsonl", out, opts, on_step=stop_at_1)
+    reserved = history.load_history("early", _budgets(setup, "early"))
+    assert len(reserved) == 1 and state_dir_for(out).is_dir()  # the step-0 state, committed with it
+    result = tune(setup / "bundle", setup / "train.jsonl", out, opts)
+    assert result.resumed_from == 0 and result.run_id == reserved[0]["run_id"]
+    assert history.load_history("early", _budgets(setup, "early")) == reserved  # not reserved again
+
+
+def test_a_state_from_another_run_is_refused_saying_what_differs(setup, tmp_path):
+    out = tmp_path / "a"
+
+    def stop(step, _):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        tune(setup / "bundle", setup / "train.jsonl", out, _opts(setup, dataset_id="other"), on_step=stop)
+    with pytest.raises(OffsiteError, match=r"other inputs, output or settings \(lr differ\).*remove"):
+        tune(setup / "bundle", setup / "train.jsonl", out, _opts(setup, dataset_id="other", lr=2e-2))
+    fewer = tmp_path / "fewer.jsonl"
+    fewer.write_text("".join((setup / "train.jsonl").read_text().splitlines(keepends=True)[:-1]))
+    with pytest.raises(OffsiteError, match=r"\(dataset_fingerprint differ\)"):
+        tune(setup / "bundle", fewer, out, _opts(setup, dataset_id="other"))
+    assert len(history.load_history("other", _budgets(setup, "other"))) == 1
+
+
+BAD_OPTIONS = [
+    dict(max_grad_norm=float("nan")),
+    dict(max_grad_norm=float("inf")),
+    dict(max_grad_norm=0.0),
+    dict(max_grad_norm=-1.0),
+    dict(max_grad_norm=1e38),
+    dict(lr=float("inf")),
+    dict(lr=0.0),
+    dict(lr=-1.0),
+    dict(lr=float("nan")),
+    dict(lr=1e30),
+    dict(epochs=0),
+    dict(epochs=1.5),
+    dict(batch_size=0),
+    dict(physical_batch_size=0),
+    dict(checkpoint_every=0),
+    dict(seed=-1),
+    dict(eval_fraction=1.0),
+    dict(eval_fraction=float("nan")),
+    dict(max_length=0),
+    dict(epsilon=float("inf")),
+    dict(epsilon=float("nan")),
+    dict(epsilon=0.0),
+    dict(epsilon=-3.0),
+    dict(delta=0.0),
+    dict(delta=1.0),
+    dict(delta=float("nan")),
+    dict(noise_multiplier=float("nan")),
+    dict(noise_multiplier=float("inf")),
+    dict(noise_multiplier=0.0),
+    dict(noise_multiplier=0.01),
+    dict(noise_multiplier=True),
+    dict(inherit=("opts",)),
+    dict(inherit=("x", "x")),
+    dict(inherit=("../x",)),
+    dict(dp=False, epsilon=None, noise_multiplier=None, new_budget=True),
+]
+
+
+@pytest.mark.parametrize("bad", BAD_OPTIONS, ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()))
+def test_every_option_is_checked_before_any_budget_is_reserved(setup, tmp_path, bad):
+    budgets = tmp_path / "budgets"
+    with pytest.raises(OffsiteError, match="|".join(f"--{k.replace('_', '-')}" for k in bad if k != "dp")):
+        tune(
+            setup / "bundle",
+            setup / "train.jsonl",
+            tmp_path / "a",
+            _opts(setup, dataset_id="opts", budget_dir=budgets, **bad),
+        )
+    assert not budgets.exists() and not (tmp_path / "a").exists()
+    assert not state_dir_for(tmp_path / "a").exists()
+
+
+def test_the_command_line_checks_options_before_reserving(setup, tmp_path, monkeypatch, capsys):
+    from offsite.cli.main import main
+
+    monkeypatch.setenv("OFFSITE_CLIENT_DIR", str(tmp_path / "client"))
+    crypto.init_client_keys(tmp_path / "client")
+    for flag, value in (("--lr", "inf"), ("--max-grad-norm", "nan"), ("--epochs", "0"), ("--delta", "2")):
+        argv = ["client", "train", str(setup / "bundle"), "--data", str(setup / "train.jsonl")]
+        argv += ["--out", str(tmp_path / "a"), "--dataset-id", "cli", "--epsilon", "4", flag, value]
+        assert main(argv) == 2
+        assert flag in capsys.readouterr().err
+    assert not (tmp_path / "client" / "budgets").exists() and not (tmp_path / "a").exists()
+
+
+def _bundle_with_final_norm(setup, tmp_path, value: float):
+    from safetensors.torch import load_file, save_file
+
+    src = make_tiny_checkpoint(tmp_path / "model", "llama", layers=6)
+    tensors = load_file(str(src / "model.safetensors"))
+    tensors["model.norm.weight"] = torch.full_like(tensors["model.norm.weight"], value)
+    save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
+    prepare(src, tmp_path / "bundle", PrepareOptions())
+    return tmp_path / "bundle"
+
+
+def test_no_adapter_and_no_receipt_for_a_non_finite_adapter(setup, tmp_path):
+    # A (finite) final norm near float32's maximum overflows the logits: training yields NaN.
+    bundle = _bundle_with_final_norm(setup, tmp_path, 3e38)
+    out = tmp_path / "a"
+    with pytest.raises(OffsiteError, match="NaN or infinite.*no adapter or receipt.*stays recorded"):
+        tune(bundle, setup / "train.jsonl", out, _opts(setup, dataset_id="nan", budget_dir=tmp_path / "b"))
+    assert not out.exists() and not state_dir_for(out).exists()
+    assert len(history.load_history("nan", tmp_path / "b")) == 1  # the reserved budget stays spent
+
+
+def test_a_bundle_with_non_finite_weights_is_refused_before_reserving(setup, tmp_path):
+    bundle = _bundle_with_final_norm(setup, tmp_path, float("nan"))
+    with pytest.raises(FormatError, match="NaN or infinite values"):
+        tune(bundle, setup / "train.jsonl", tmp_path / "a", _opts(setup, budget_dir=tmp_path / "b"))
+    assert not (tmp_path / "b").exists()
+
+
+def test_the_same_records_as_csv_under_another_id_must_inherit_or_say_new_budget(setup, tmp_path):
+    import csv
+
+    budgets = tmp_path / "client"
+    first = tune(setup / "bundle", setup / "train.jsonl", tmp_path / "a", _opts(setup, budget_dir=budgets))
+    same = tmp_path / "same.csv"  # the same records, as CSV with other columns in another order
+    with open(same, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["completion", "note", "prompt"])
+        for line in (setup / "train.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            w.writerow([r["completion"], "copied", r["prompt"]])
+    with pytest.raises(BudgetError, match=r"also in ds \(64 of .*--inherit ds"):
+        tune(setup / "bundle", same, tmp_path / "b", _opts(setup, dataset_id="copy", budget_dir=budgets))
+    assert not (tmp_path / "b").exists() and history.load_history("copy", budgets) == []
+    second = tune(
+        setup / "bundle",
+        same,
+        tmp_path / "b",
+        _opts(setup, dataset_id="copy", budget_dir=budgets, inherit=("ds",)),
+    )
+    assert [e["run_id"] for e in second.receipt["cumulative_history"]] == [second.run_id, first.run_id]
+    eps = second.receipt["epsilon"]
+    assert eps["cumulative"]["prv_upper"] > eps["this_run"]["prv_upper"]
+    assert history.budget_for_receipt("copy", budgets)["inherits"] == ["ds"]
+
+
+def test_two_runs_writing_one_output_do_not_train_together(setup, tmp_path):
+    from offsite.fileio import exclusive_lock
+
+    out = tmp_path / "a"
+    with (
+        exclusive_lock(state_dir_for(out) / ".lock"),  # what a running `client train` holds
+        pytest.raises(OffsiteError, match="another `offsite client train` is using"),
+    ):
+        tune(setup / "bundle", setup / "train.jsonl", out, _opts(setup, budget_dir=tmp_path / "b"))
+    assert not (tmp_path / "b" / "budgets" / "ds.json").exists() and not out.exists()

@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", type=Path, required=True, help="training records (JSONL, CSV or text)")
     p.add_argument("--out", type=Path, required=True, help="adapter directory to create")
     p.add_argument("--epochs", type=int, default=3, help="passes over the data (default 3)")
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate, in (0, 10] (default 1e-3)")
     p.add_argument("--batch-size", type=int, default=16, help="batch size (default 16)")
     p.add_argument("--seed", type=int, default=0, help="data order, initialisation and dropout")
     p.add_argument("--eval-data", type=Path, default=None, help="records for the per-epoch eval loss")
@@ -48,40 +48,91 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = cmds.add_parser(
         "budget",
-        help="show the privacy budget spent per dataset",
-        description="ε spent on each dataset (or the named ones) by every DP run recorded on this machine: "
-        "the recorded mechanism histories composed (never added), by PRV (upper bound) and RDP.",
+        help="show each dataset's privacy budget and what it has spent",
+        description="For each dataset (or the named ones): its budget (ε, δ), fixed by its first DP run or "
+        "by `offsite client set-budget`, and the ε spent by every DP run recorded on this machine: the "
+        "recorded mechanism histories (its own and those of datasets it inherits) composed, never added, "
+        "by PRV (upper bound) and RDP. Then the datasets whose records overlap, and how each overlap is "
+        "treated (inherited, separate budgets declared with --new-budget, or unresolved: the next run on "
+        "either is refused until it says).",
     )
     p.add_argument("dataset_ids", nargs="*", metavar="DATASET_ID", help="datasets to show (default: all)")
-    p.add_argument("--delta", type=float, default=1e-5, help="δ at which to state ε (default 1e-5)")
+    p.add_argument(
+        "--delta", type=float, default=None, help="state ε at this δ (default: each dataset's own δ)"
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_budget)
+
+    p = cmds.add_parser(
+        "set-budget",
+        help="set or change a dataset's privacy budget (ε, δ)",
+        description="A budget is a pair (ε, δ) fixed per dataset: the first DP run on a dataset records its "
+        "--epsilon and δ, and later runs may not ask for more ε or another δ. This command is the one "
+        "explicit way to change it (or to set it before the first run, or for a history from an older "
+        "version of offsite). The change is recorded in the dataset's history with its time, and later "
+        "receipts show every change. Runs already recorded keep counting against the new budget.",
+    )
+    p.add_argument("dataset_id", metavar="DATASET_ID", help="the dataset whose budget to set")
+    p.add_argument("--epsilon", type=float, required=True, help="the dataset's total ε budget")
+    p.add_argument("--delta", type=float, required=True, help="the δ at which every run on it is accounted")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_set_budget)
 
 
 def add_dp_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group(
         "differential privacy (on by default)",
         "DP-SGD: Poisson sampling, per-sample clipping and Gaussian noise. One record is the unit "
-        "protected. --epsilon is the TOTAL budget of --dataset-id at δ: earlier runs on the same dataset "
-        "(recorded on this machine) are composed with this one, and σ is the smallest noise that stays "
-        "within it. Sampling and noise use the operating system's randomness, never --seed.",
+        "protected. Each dataset has a budget (ε, δ), fixed by its first DP run (its --epsilon and δ) or "
+        "by `offsite client set-budget`: every run recorded on this machine for --dataset-id (and for the "
+        "datasets it inherits) is composed with this one, and σ is the smallest noise that keeps the total "
+        "within the budget. Sampling and noise use the operating system's randomness, never --seed. Every "
+        "option is checked before any budget is reserved; an interrupted run (crash, Ctrl-C) resumes "
+        "under its reservation when rerun with the same bundle, data, --out and settings.",
     )
     g.add_argument("--dataset-id", help="name of the private dataset whose budget this run spends")
-    g.add_argument("--epsilon", type=float, default=None, help="total ε budget for --dataset-id")
+    g.add_argument(
+        "--epsilon",
+        type=float,
+        default=None,
+        help="the dataset's total ε: on its first run, this becomes its budget; later, the same or a "
+        "smaller value (a stricter target for this run), or none to use the recorded budget",
+    )
     g.add_argument(
         "--delta",
         type=float,
         default=None,
-        help="δ (default: a power of ten at most 1/(10·N) for N records; δ ≥ 1/N is refused)",
+        help="δ: on a dataset's first run, it becomes part of its budget (default: a power of ten at most "
+        "1/(10·N) for N records; δ ≥ 1/N is refused); later runs must use the recorded δ (omit it)",
     )
     g.add_argument(
         "--noise-multiplier",
         type=float,
         default=None,
-        help="use this σ instead of calibrating it to --epsilon",
+        help="use this σ (0.3 to 100, the range the accountant is trusted over) instead of calibrating it; "
+        "the dataset's budget must still hold",
     )
     g.add_argument(
-        "--max-grad-norm", type=float, default=1.0, help="per-sample clipping norm C (default 1.0)"
+        "--inherit",
+        action="append",
+        default=[],
+        metavar="DATASET_ID",
+        help="compose with DATASET_ID's history: its runs count towards this dataset's budget and appear "
+        "in the receipt's cumulative history (needed when this run's records overlap that dataset's; "
+        "repeatable; recorded)",
+    )
+    g.add_argument(
+        "--new-budget",
+        action="store_true",
+        help="this run's records overlap another dataset's, and they get a separate budget anyway "
+        "(recorded on this machine, with a warning: those records are then protected by two budgets, "
+        "not one)",
+    )
+    g.add_argument(
+        "--max-grad-norm",
+        type=float,
+        default=1.0,
+        help="per-sample clipping norm C, in (0, 1e6] (default 1.0)",
     )
     g.add_argument(
         "--physical-batch-size",
@@ -131,14 +182,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         noise_multiplier=args.noise_multiplier,
         max_grad_norm=args.max_grad_norm,
         physical_batch_size=args.physical_batch_size,
+        inherit=tuple(args.inherit),
+        new_budget=args.new_budget,
         noise_seed=args.insecure_noise_seed,
         keys_dir=args.keys_dir or state.client_dir(),
         budget_dir=state.client_dir(),
     )
-    if opts.dp and opts.epsilon is None and opts.noise_multiplier is None:
-        from offsite.errors import OffsiteError
-
-        raise OffsiteError("give --epsilon (the dataset's total budget) or --noise-multiplier, or --no-dp")
+    opts.validate()  # before anything is loaded or reserved (tune checks again)
 
     def on_plan(plan) -> None:
         err_console.print(
@@ -164,6 +214,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             on_eval=on_eval,
             on_plan=on_plan,
             on_total=bar.set_total,
+            on_warning=warn,
         )
     if args.json:
         print_json(
@@ -211,40 +262,83 @@ def cmd_budget(args: argparse.Namespace) -> int:
     from offsite import state
     from offsite.privacy import accounting, history
 
-    budgets = state.client_dir()
-    ids = args.dataset_ids or history.dataset_ids(budgets)
+    client_dir = state.client_dir()
+    ids = [history.validate_dataset_id(d) for d in args.dataset_ids] or history.dataset_ids(client_dir)
+    delta = None if args.delta is None else accounting.validate_delta(args.delta, "--delta")
     rows = []
     for dataset_id in ids:
-        entries = history.load_history(history.validate_dataset_id(dataset_id), budgets)
-        eps = history.spent_epsilon(dataset_id, accounting.validate_delta(args.delta), budgets)
+        h = history.read(dataset_id, client_dir)
+        budget = h.budget
+        at = delta if delta is not None else (budget.delta if budget else None)
+        eps = history.spent_epsilon(dataset_id, at, client_dir) if at is not None else None
         rows.append(
             {
                 "dataset_id": dataset_id,
-                "runs": len({e["run_id"] for e in entries}),
-                "steps": sum(e["steps"] for e in entries),
-                "epsilon": eps.to_dict(),
+                "budget": None if budget is None else {"epsilon": budget.epsilon, "delta": budget.delta},
+                "budget_changes": h.budget_changes,
+                "inherits": history.composes_with(dataset_id, client_dir),
+                "runs": len({e["run_id"] for e in h.entries}),
+                "steps": sum(e["steps"] for e in h.entries),
+                "delta": at,
+                "epsilon": None if eps is None else eps.to_dict(),
             }
         )
+    wanted = set(ids)
+    overlaps = [o.to_dict() for o in history.overlaps(client_dir) if wanted & {o.a, o.b}]
     if args.json:
-        print_json({"delta": args.delta, "datasets": rows})
+        print_json({"datasets": rows, "overlaps": overlaps})
         return 0
     if not rows:
         console.print("no DP runs recorded on this machine")
         return 0
     console.print(
         table(
-            f"privacy budget spent (δ={args.delta:g})",
-            ["dataset", "runs", "steps", "ε (PRV upper)", "ε (RDP)"],
+            "privacy budget per dataset (ε composed over all recorded runs, never added)",
+            ["dataset", "budget ε", "δ", "spent ε (PRV upper)", "ε (RDP)", "runs", "steps", "inherits"],
             [
                 (
                     r["dataset_id"],
+                    "not set" if r["budget"] is None else f"{r['budget']['epsilon']:g}",
+                    "—" if r["delta"] is None else f"{r['delta']:g}",
+                    "—" if r["epsilon"] is None else f"{r['epsilon']['prv_upper']:.3f}",
+                    "—" if r["epsilon"] is None else f"{r['epsilon']['rdp']:.3f}",
                     r["runs"],
                     r["steps"],
-                    f"{r['epsilon']['prv_upper']:.3f}",
-                    f"{r['epsilon']['rdp']:.3f}",
+                    ", ".join(r["inherits"]) or "—",
                 )
                 for r in rows
             ],
         )
     )
+    if overlaps:
+        console.print(
+            table(
+                "datasets that share records",
+                ["datasets", "shared records", "treated as"],
+                [(" & ".join(o["datasets"]), o["shared_records"], o["relation"]) for o in overlaps],
+            )
+        )
+    return 0
+
+
+def cmd_set_budget(args: argparse.Namespace) -> int:
+    from offsite import state
+    from offsite.privacy import history
+
+    dataset_id = history.validate_dataset_id(args.dataset_id)
+    budget, spent = history.set_budget(dataset_id, args.epsilon, args.delta, state.client_dir())
+    info = {
+        "dataset_id": dataset_id,
+        "budget": {"epsilon": budget.epsilon, "delta": budget.delta},
+        "spent": spent.to_dict(),
+    }
+    if args.json:
+        print_json(info)
+        return 0
+    console.print(
+        f"budget of {dataset_id} set to ε={budget.epsilon:g} at δ={budget.delta:g} (recorded with its time); "
+        f"spent so far: ε={spent.prv_upper:.3f} (PRV upper)"
+    )
+    if spent.prv_upper >= budget.epsilon:
+        warn(f"{dataset_id} has already spent its whole new budget: further DP runs on it will be refused")
     return 0

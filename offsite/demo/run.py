@@ -90,7 +90,8 @@ def run_demo(quick: bool = False, seed: int = 0, as_json: bool = False, keep: Pa
     model_dir, data = root / "model", root / "data"
     work = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="offsite-demo-"))
     work.mkdir(parents=True, exist_ok=True)
-    crypto.init_client_keys(work / "client", force=True)
+    if not crypto.KeyPaths.in_dir(work / "client").existing():  # a kept work directory keeps its keys
+        crypto.init_client_keys(work / "client")
     eval_file = data / "eval.jsonl"
     if settings.eval_records:
         eval_file = work / "eval.jsonl"

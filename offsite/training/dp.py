@@ -125,7 +125,8 @@ def make_dp_optimizer(
 
 @dataclass
 class DPTrainState:
-    """Resumable state of one DP run (see ``offsite.training.checkpoint``)."""
+    """Resumable state of one DP run: parameters, AdamW moments, the step and the run's identity,
+    committed as one atomic unit (see ``offsite.training.checkpoint``)."""
 
     directory: Path
 
@@ -135,16 +136,27 @@ class DPTrainState:
     def read_meta(self) -> dict:
         return checkpoint.read_meta(self.directory)
 
-    def save(self, identity: dict, step: int, params: dict[str, nn.Parameter], optimizer) -> None:
+    def save(
+        self,
+        identity: dict,
+        step: int,
+        params: dict[str, nn.Parameter],
+        optimizer: torch.optim.Optimizer | None,
+    ) -> None:
+        """Commit the state after ``step`` optimizer steps (0: right after the budget is reserved)."""
         checkpoint.save(self.directory, params, optimizer, {"identity": identity, "step": step})
 
     def load(self, identity: dict, params: dict[str, nn.Parameter], optimizer) -> int:
-        if self.read_meta().get("identity") != identity:
-            raise OffsiteError(
-                f"{self.directory} holds an interrupted run with other inputs or settings; "
-                "remove it to start over (its spent budget stays recorded)"
-            )
-        return int(checkpoint.load(self.directory, params, optimizer)["step"])
+        """Restore the committed state of this run (refusing another run's) and return its step."""
+
+        def same_run(meta: dict) -> None:
+            if meta.get("identity") != identity:
+                raise OffsiteError(
+                    f"{self.directory} holds an interrupted run with other inputs or settings; "
+                    "remove it to start over (its spent budget stays recorded)"
+                )
+
+        return int(checkpoint.load(self.directory, params, optimizer, check=same_run)["step"])
 
 
 def train_dp(
