@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from offsite.wire import generate, transport
 from offsite.wire.v1 import offsite_pb2
 

@@ -6,6 +6,7 @@ import argparse
 from dataclasses import asdict
 from pathlib import Path
 
+from offsite.cli import client_service
 from offsite.cli.ui import console, err_console, print_json, table, warn
 
 
@@ -56,6 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--delta", type=float, default=1e-5, help="δ at which to state ε (default 1e-5)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_budget)
+    client_service.register(cmds)
 
 
 def add_dp_arguments(p: argparse.ArgumentParser) -> None:
@@ -134,6 +136,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         noise_seed=args.insecure_noise_seed,
         keys_dir=args.keys_dir or state.client_dir(),
         budget_dir=state.client_dir(),
+        bundle_owner_key=client_service.enrolled_owner_key(args.keys_dir or state.client_dir()),
     )
     if opts.dp and opts.epsilon is None and opts.noise_multiplier is None:
         from offsite.errors import OffsiteError

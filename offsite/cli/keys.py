@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from offsite.cli import client_service
 from offsite.cli.ui import console, print_json
 
 
@@ -38,6 +39,7 @@ def register_keys(client_subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--json", action="store_true", help="print paths and fingerprint as JSON")
     p.set_defaults(func=cmd_keys_init)
+    client_service.register_keys(cmds)
 
 
 def cmd_keys_init(args: argparse.Namespace) -> int:
@@ -56,6 +58,7 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
         "salt": str(paths.salt),
         "public_key_fingerprint": fingerprint,
     }
+    info |= client_service.after_keys_init(Path(directory), force=args.force)
     if getattr(args, "json", False):
         print_json(info)
         return 0
@@ -64,4 +67,6 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
     console.print(f"  public key   {paths.public_key}  (give this to whoever audits your receipts)")
     console.print(f"  secret salt  {paths.salt}  (mode 0600; keys dataset fingerprints)")
     console.print(f"  public key fingerprint  sha256:{fingerprint}")
+    console.print(f"  TLS key      {info['tls_key']}  (mode 0600; for the owner's server)")
+    console.print(f"  enrolment request  {info['enrolment_request']}  (send it to the model owner to enrol)")
     return 0
