@@ -151,3 +151,69 @@ def wait_serving(port: int, timeout: float = 30.0) -> None:
 
 
 __all__ = ["World", "build_world", "copy_state", "free_port", "train_adapter", "transport", "wait_serving"]
+
+
+class ServerProcess:
+    """``offsite serve`` as a separate process (so it can be killed with SIGKILL and restarted)."""
+
+    def __init__(self, state: Path, port: int, *extra: str):
+        import os
+        import sys
+
+        self.state, self.port, self.extra = state, port, extra
+        self.cmd = [
+            sys.executable,
+            "-m",
+            "offsite.cli.main",
+            "serve",
+            "--state",
+            str(state),
+            "--host",
+            "127.0.0.1",
+        ]
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = None
+        self.output: list[str] = []
+
+    def start(self, timeout: float = 60.0) -> ServerProcess:
+        import subprocess
+        import threading
+
+        self.proc = subprocess.Popen(
+            [*self.cmd, "--port", str(self.port), *self.extra],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=self.env,
+        )
+        ready = threading.Event()
+
+        def pump(proc=self.proc):
+            for line in proc.stdout:
+                self.output.append(line)
+                if line.startswith("serving on"):
+                    ready.set()
+
+        threading.Thread(target=pump, daemon=True).start()
+        if not ready.wait(timeout):
+            self.proc.kill()
+            raise RuntimeError("server did not start:\n" + "".join(self.output))
+        return self
+
+    def kill(self) -> None:
+        import signal
+
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> int:
+        import signal
+
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout=60)
+            except Exception:
+                self.proc.kill()
+                raise
+        return self.proc.returncode if self.proc else 0
