@@ -32,7 +32,7 @@ from offsite import pki
 from offsite.client.connection import Backoff, ServerError, open_channel, retryable, server_error, stub, unary
 from offsite.client.identity import Credentials
 from offsite.errors import FormatError, IntegrityError, OffsiteError
-from offsite.fileio import canonical_json, check_new_output, sha256_bytes, write_bytes_atomic
+from offsite.fileio import canonical_json, check_new_output, sha256_bytes, sha256_file, write_bytes_atomic
 from offsite.formats import signing
 from offsite.formats import submission as envelope_format
 from offsite.formats.bundle import MANIFEST, Bundle
@@ -202,8 +202,6 @@ class OffsiteClient:
 
     def _download(self, job_id: str, rel: str, digest: str, dest: Path, progress: Progress) -> None:
         if dest.is_file():
-            from offsite.fileio import sha256_file
-
             if sha256_file(dest) == digest:
                 return
             dest.unlink()
@@ -211,8 +209,6 @@ class OffsiteClient:
         part = dest.with_name(dest.name + ".part")
         for attempt in range(2):
             self._download_part(job_id, rel, part, progress)
-            from offsite.fileio import sha256_file
-
             if sha256_file(part) == digest:
                 os.replace(part, dest)
                 return
@@ -284,15 +280,7 @@ class OffsiteClient:
                     raise
                 submission_id, resumed = None, False
         if submission_id is None:
-            envelope = envelope_format.make_envelope(job_id, self.credentials.client_id, files)
-            signature = envelope_format.sign_envelope(envelope, self.credentials.signing_key)
-            # Not retried with the same envelope: if the first attempt reached the server, its nonce is
-            # spent. A retry signs a fresh envelope (the abandoned session, if any, is never finished).
-            begun = unary(
-                self.stub.BeginSubmission,
-                pb.BeginSubmissionRequest(envelope=envelope, signature=signature),
-                backoff,
-            )
+            begun = self._begin(job_id, files, backoff)
             submission_id = begun.submission_id
             write_bytes_atomic(
                 pending,
@@ -319,6 +307,20 @@ class OffsiteClient:
         self._remember(submission_id, job_id, adapter_dir, record)
         pending.unlink(missing_ok=True)
         return SubmitResult(record, resumed)
+
+    def _begin(self, job_id: str, files: list[dict], backoff: Backoff) -> pb.BeginSubmissionResponse:
+        """Open an upload session. Each attempt signs a fresh envelope: if an earlier attempt reached the
+        server (and only its answer was lost), its nonce is spent, and that session is simply abandoned."""
+        while True:
+            envelope = envelope_format.make_envelope(job_id, self.credentials.client_id, files)
+            signature = envelope_format.sign_envelope(envelope, self.credentials.signing_key)
+            request = pb.BeginSubmissionRequest(envelope=envelope, signature=signature)
+            try:
+                return self.stub.BeginSubmission(request, timeout=transport.UNARY_DEADLINE_S)
+            except grpc.RpcError as e:
+                if not retryable(e):
+                    raise server_error(e) from None
+                backoff.wait(e)
 
     def _finish_pending(self, pending: Path, submission_id: str) -> pb.Submission:
         record = self.status(submission_id)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -198,8 +199,6 @@ def accepted_adapter(state: OwnerState, submission_id: str, scratch: Path) -> It
         src = state.blobs.path(f.sha256)
         try:
             os.link(src, directory / f.name)
-        except OSError:
-            import shutil
-
+        except OSError:  # another file system: copy
             shutil.copyfile(src, directory / f.name)
     yield directory

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from offsite import crypto
 from offsite.errors import OffsiteError
 from offsite.formats import submission as envelope_format
 from offsite.server import checks
@@ -245,8 +246,6 @@ class OffsiteService:
         directory = self.state.uploads.directory(submission_id)
         job = self.storage.get_job(record.job_id)
         client = self.storage.get_client(record.client_id)
-        from offsite import crypto
-
         declared = {f.name: f.sha256 for f in record.files}
         try:
             manifest = json.loads(self.storage.get_bundle(job.bundle_id).manifest)

@@ -145,8 +145,19 @@ def test_mission_over_the_wire(tmp_path, capsys, monkeypatch):
         merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
         name = "layers.0.mlp.c_fc.weight"
         assert (merged["transformer.h.0.mlp.c_fc.weight"] == adapter[name]).all()
-        # the same adapter plugs by hand too, with the bundle from the owner's record
+        # the same adapter plugs by hand too, with the bundle from the owner's record, or with --bundle and
+        # no owner state at all
         offsite(capsys, "owner", "plug", model, tmp_path / "adapter", "--out", tmp_path / "merged2", "--json")
+        nowhere = tmp_path / "no-state"
+        offsite(
+            capsys, "owner", "plug", model, tmp_path / "adapter", "--bundle", tmp_path / "bundle",
+            "--out", tmp_path / "merged3", "--state", nowhere, "--json",
+        )  # fmt: skip
+        assert not nowhere.exists()
+        assert (
+            "either ADAPTER"
+            in offsite(capsys, "owner", "plug", model, "--out", tmp_path / "m4", code=2)["err"]
+        )
 
         offsite(capsys, "owner", "revoke", "alice", "--json")
         assert "revoked" in offsite(capsys, "client", "jobs", code=2)["err"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import abc
 import datetime as dt
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 
 
@@ -113,7 +113,6 @@ class Decision:
     delta: float = 0.0
     receipt: bytes | None = None
     receipt_signature: bytes | None = None
-    extra: dict = field(default_factory=dict)
 
 
 class Storage(abc.ABC):
