@@ -101,8 +101,8 @@ def manifest_source(state: OwnerState):
         try:
             return state.storage.get_bundle(bundle_id).manifest
         except NotFoundError:
-            raise OffsiteError(
-                f"bundle {bundle_id[:12]}… is not in the owner's record of issued bundles ({state.paths.root}); "
+            raise FormatError(
+                f"bundle {bundle_id[:12]}… was not issued by this owner (no record in {state.paths.root}); "
                 "pass --bundle DIR"
             ) from None
 

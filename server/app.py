@@ -104,18 +104,16 @@ class OffsiteServer:
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         listen = address(self.host, self.port)
-        if self.insecure_loopback:
-            bound = server.add_insecure_port(listen)
-        else:
-            service = OffsiteService(self.state)
-            service.recover()
-            offsite_pb2_grpc.add_OffsiteServiceServicer_to_server(OffsiteServicer(service), server)
-            reflection.enable_server_reflection(
-                (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-            )
-            bound = server.add_secure_port(listen, self._credentials())
+        try:
+            bound = self._listen(server, listen)
+        except RuntimeError:  # grpcio raises when the port cannot be bound
+            bound = 0
         if not bound:
-            raise OffsiteError(f"cannot listen on {listen} (in use, or not an address of this machine)")
+            server.stop(None)
+            self.state.close()
+            raise OffsiteError(
+                f"cannot listen on {listen}: the port is in use, or not an address of this machine"
+            )
         self.port = bound
         self.registry.start()
         server.start()
@@ -123,6 +121,17 @@ class OffsiteServer:
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         return bound
+
+    def _listen(self, server: grpc.Server, listen: str) -> int:
+        if self.insecure_loopback:
+            return server.add_insecure_port(listen)
+        service = OffsiteService(self.state)
+        service.recover()
+        offsite_pb2_grpc.add_OffsiteServiceServicer_to_server(OffsiteServicer(service), server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        return server.add_secure_port(listen, self._credentials())
 
     def stop(self, grace: float = transport.DRAIN_GRACE_S) -> None:
         """Report NOT_SERVING, refuse new calls, let calls in flight finish for ``grace`` seconds."""

@@ -175,6 +175,11 @@ def test_health_and_reflection_over_mutual_tls(world, server):
         assert {"offsite.v1.OffsiteService", "grpc.health.v1.Health"} <= names
 
 
+def test_a_second_server_on_the_same_port_is_refused(world, server):
+    with pytest.raises(OffsiteError, match="cannot listen on 127.0.0.1"):
+        OffsiteServer(world.owner, "127.0.0.1", server).start()
+
+
 def test_jobs_are_the_callers_own_with_signed_manifests(world, server):
     with world.client("alice", server) as c:
         jobs = {j.job_id: j for j in c.list_jobs()}
