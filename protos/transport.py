@@ -28,6 +28,9 @@ STALL_TIMEOUT_S = 60.0
 #: After finish_write, how long the client waits for the server's checks (receipt accounting included).
 DECIDE_TIMEOUT_S = 300.0
 
+#: A second stream on the same submission waits this long for the first to end, then gets ABORTED.
+WRITER_WAIT_S = 2.0
+
 #: The server makes received bytes durable (fsync, then the committed offset) this often, and at the
 #: end of every stream: a crash loses at most this much of an upload, never anything reported.
 COMMIT_INTERVAL_S = 0.5

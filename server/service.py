@@ -161,7 +161,7 @@ class OffsiteService:
     def _exclusive(self, submission_id: str) -> Iterator[None]:
         with self._locks_guard:
             lock = self._locks.setdefault(submission_id, threading.Lock())
-        if not lock.acquire(timeout=2.0):
+        if not lock.acquire(timeout=transport.WRITER_WAIT_S):
             raise BusyError(f"another stream is writing submission {submission_id}; retry shortly")
         try:
             yield

@@ -582,3 +582,24 @@ def test_client_errors_carry_the_servers_reason(world, server, tmp_path):
     )
     with world.client("alice", server) as c:
         assert c.status(sid).state == pb.SUBMISSION_STATE_REJECTED
+
+
+def test_a_second_stream_on_the_same_submission_is_aborted(world, stub):
+    data = payload(world.adapter)
+    sid = begin(world, stub, world.adapter).submission_id
+    outcome = {}
+
+    def slow():
+        for m in messages(sid, data, chunk=4096):
+            yield m
+            time.sleep(0.1)
+
+    def first():
+        outcome["first"] = write(stub, slow()).submission.state
+
+    t = threading.Thread(target=first)
+    t.start()
+    time.sleep(0.5)
+    refused(lambda: write(stub, messages(sid, data)), Code.ABORTED, "another stream is writing")
+    t.join(timeout=60)
+    assert outcome["first"] == pb.SUBMISSION_STATE_ACCEPTED
