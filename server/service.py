@@ -86,10 +86,9 @@ class OffsiteService:
 
     def list_jobs(self, caller: Caller, page_token: str = "") -> tuple[list[JobView], str]:
         jobs = self.storage.jobs_for_client(caller.client_id)
-        try:
-            start = int(page_token) if page_token else 0
-        except ValueError:
-            raise OffsiteError(f"malformed page token {page_token!r}") from None
+        start = int(page_token) if page_token.isdigit() and len(page_token) < 10 else 0
+        if page_token and str(start) != page_token:
+            raise OffsiteError(f"malformed page token {page_token[:20]!r}")
         views, size = [], 0
         for i in range(start, len(jobs)):
             bundle = self.storage.get_bundle(jobs[i].bundle_id)

@@ -189,6 +189,15 @@ def test_jobs_are_the_callers_own_with_signed_manifests(world, server):
             signing.verify_manifest(job.manifest, job.manifest_signature, owner_key)
             assert sha256_bytes(job.manifest) == world.bundle_id
         assert jobs["strict"].policy.max_epsilon == 0.5 and not jobs["j1"].policy.allow_no_dp
+    channel, stub = world.stub("alice", server)
+    with channel:
+        for token in ("-1", "x", "1" * 30):
+            refused(
+                lambda t=token: stub.ListJobs(pb.ListJobsRequest(page_token=t)),
+                Code.INVALID_ARGUMENT,
+                "page token",
+            )
+        assert len(stub.ListJobs(pb.ListJobsRequest(page_token="1")).jobs) == 2
 
 
 def test_fetch_checks_signature_and_hashes_and_gets_every_file(world, server, tmp_path):
