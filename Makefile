@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.offsite-installed
 
-.PHONY: demo test lint bench setup
+.PHONY: demo test lint bench setup protos
 
 setup: $(STAMP)
 
@@ -27,3 +27,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_emulator.py
+
+# Regenerate the committed gRPC code in protos/v1 from protos/offsite/v1/offsite.proto.
+protos: $(STAMP)
+	$(BIN)/python -m offsite.wire.generate

@@ -14,7 +14,7 @@ from offsite.data import LM, MLM, Example, make_examples, max_positions, read_re
 from offsite.errors import OffsiteError
 from offsite.evaluation.metrics import token_perplexity
 from offsite.fileio import SAFETENSORS_DTYPES, check_new_output, staged_directory
-from offsite.formats.bundle import record_issued, write_bundle
+from offsite.formats.bundle import write_bundle
 from offsite.models.adapters import (
     BLOCKS,
     LORA,
@@ -49,9 +49,6 @@ class PrepareOptions:
     distill_data: Path | None = None
     distill: DistillConfig | None = None
     distill_checkpoint: Path | None = None
-    owner_dir: Path | None = (
-        None  # where issued bundles are recorded (the CLI passes the owner's state directory)
-    )
 
 
 @dataclass
@@ -185,8 +182,6 @@ def prepare(
             source=source,
             distillation=distillation,
         )
-    if opts.owner_dir is not None:
-        record_issued(Path(out), bundle_id, opts.owner_dir)
     return PrepareResult(bundle_id, layer_map, distillation)
 
 

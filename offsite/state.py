@@ -6,10 +6,11 @@ the functions below to fill in what the user did not pass.
 
 ``OFFSITE_CLIENT_DIR`` (data owner)
     Default: the user config directory ``offsite/client``. Signing key, dataset salt, budget
-    histories; later the TLS key, certificates and enrolment package.
+    histories, the TLS key, the enrolment request and package (``offsite.client.identity``).
 ``OFFSITE_OWNER_DIR`` (model owner)
-    Default: the user data directory ``offsite/owner``. The record of issued bundles; later the
-    server's state (CA, certificates, signing key, database).
+    Default: the user data directory ``offsite/owner``. The server's state: CA, certificates,
+    signing key, the database (record of issued bundles, clients, jobs, submissions) and stored
+    files (``offsite.server.owner_state``).
 ``OFFSITE_CACHE_DIR``
     Default: the user cache directory ``offsite``. The demo's pretrained model.
 """

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from offsite import crypto
 from offsite.data import CLS, LM, MLM, Example, Record, make_examples, max_positions, read_records
@@ -68,6 +68,7 @@ class TuneOptions:
     checkpoint_every: int = 20
     keys_dir: Path | None = None  # signing key and salt: required under DP
     budget_dir: Path | None = None  # budget histories: required under DP
+    bundle_owner_key: Ed25519PublicKey | None = None  # checks the bundle's manifest.sig (formats.signing)
 
     def validate(self) -> None:
         """Refuse every option out of range, before anything is loaded, reserved or written."""
@@ -200,7 +201,7 @@ class TuneInputs:
 
 
 def load_for_tuning(bundle_dir: str | os.PathLike, data: str | os.PathLike, opts: TuneOptions) -> TuneInputs:
-    bundle = Bundle.open(bundle_dir)
+    bundle = Bundle.open(bundle_dir, owner_key=opts.bundle_owner_key)
     model, view = bundle.load_emulator(torch.float32)
     tokenizer = bundle.load_tokenizer()
     kind = data_kind(bundle.task)

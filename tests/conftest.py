@@ -21,3 +21,11 @@ def _isolated_state(tmp_path_factory, monkeypatch):
     root = tmp_path_factory.mktemp("state")
     monkeypatch.setenv("OFFSITE_OWNER_DIR", str(root / "owner"))
     monkeypatch.setenv("OFFSITE_CLIENT_DIR", str(root / "client"))
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """An owner with its PKI and published jobs, enrolled data owners, a DP adapter (tests/world.py)."""
+    from world import build_world
+
+    return build_world(tmp_path_factory.mktemp("world"))

@@ -27,19 +27,24 @@ from offsite.models.registry import architecture_for, get_blocks
 from offsite.plug import plug as _plug
 from offsite.prepare import PrepareOptions
 from offsite.prepare import prepare as _prepare
+from offsite.server import admin
+from offsite.server.owner_state import OwnerState
 from offsite.state import owner_dir
 from offsite.tune import adapter_tensors_for_export
 
 
 def prepare(model, out, opts: PrepareOptions):
     """As the CLI does: record the issued bundle in the owner's state (isolated per test)."""
-    opts.owner_dir = owner_dir()
-    return _prepare(model, out, opts)
+    result = _prepare(model, out, opts)
+    with OwnerState(owner_dir()) as state:
+        admin.record_bundle(state, out)
+    return result
 
 
 def plug(model, adapter, out):
     """As the CLI does: find the bundle in the owner's record of issued bundles."""
-    return _plug(model, adapter, out, owner_dir=owner_dir())
+    with OwnerState(owner_dir()) as state:
+        return _plug(model, adapter, out, admin.manifest_source(state))
 
 
 TOKENS = torch.tensor([[7, 8, 9, 10, 11, 12, 13], [14, 15, 16, 17, 18, 19, 20]])

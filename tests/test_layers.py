@@ -1,8 +1,8 @@
 """The layer contract (pyproject.toml, [tool.importlinter]) holds, and can fail.
 
-``server/`` and ``client/`` install as ``offsite.server`` / ``offsite.client`` through
-``package-dir``, which import-linter cannot follow, so the check runs on a mirror of the source
-tree laid out as installed.
+``server/``, ``client/`` and ``protos/`` install as ``offsite.server`` / ``offsite.client`` /
+``offsite.wire`` through ``package-dir``, which import-linter cannot follow, so the check runs on a
+mirror of the source tree laid out as installed.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ SIDES_AND_FRONT_ENDS = {"client", "server", "cli", "demo"}
 def _mirror(dest: Path) -> Path:
     ignore = shutil.ignore_patterns("__pycache__")
     shutil.copytree(ROOT / "offsite", dest / "offsite", ignore=ignore)
-    for side in ("client", "server"):
-        shutil.copytree(ROOT / side, dest / "offsite" / side, ignore=ignore)
+    for source, name in (("client", "client"), ("server", "server"), ("protos", "wire")):
+        shutil.copytree(ROOT / source, dest / "offsite" / name, ignore=ignore)
     return dest
 
 
@@ -57,10 +57,29 @@ def test_a_core_module_importing_a_side_breaks_the_contract(tmp_path):
     assert "offsite.fileio -> offsite.server" in result.stdout
 
 
-def test_every_core_module_is_under_contract():
+def test_the_wire_package_importing_the_core_breaks_the_contract(tmp_path):
+    tree = _mirror(tmp_path)
+    with open(tree / "offsite" / "wire" / "transport.py", "a") as f:
+        f.write("\nimport offsite.errors  # noqa\n")
+    result = _lint(tree)
+    assert result.returncode != 0
+    assert "offsite.wire.transport -> offsite.errors" in result.stdout
+
+
+def test_a_core_module_importing_the_wire_package_breaks_the_contract(tmp_path):
+    tree = _mirror(tmp_path)
+    with open(tree / "offsite" / "fileio.py", "a") as f:
+        f.write("\nimport offsite.wire.transport  # noqa\n")
+    result = _lint(tree)
+    assert result.returncode != 0
+    assert "offsite.fileio -> offsite.wire" in result.stdout
+
+
+@pytest.mark.parametrize("contract,key", [("core", "source_modules"), ("wire", "forbidden_modules")])
+def test_every_core_module_is_under_contract(contract, key):
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
-    core = next(c for c in config["contracts"] if c["id"] == "core")
-    listed = {m.removeprefix("offsite.") for m in core["source_modules"]}
+    listed = next(c for c in config["contracts"] if c["id"] == contract)[key]
+    listed = {m.removeprefix("offsite.") for m in listed} - SIDES_AND_FRONT_ENDS
     present = {
         p.stem if p.is_file() else p.name
         for p in (ROOT / "offsite").iterdir()

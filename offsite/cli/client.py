@@ -6,6 +6,7 @@ import argparse
 from dataclasses import asdict
 from pathlib import Path
 
+from offsite.cli import client_service
 from offsite.cli.ui import console, err_console, print_json, table, warn
 
 
@@ -62,6 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_budget)
+    client_service.register(cmds)
 
     p = cmds.add_parser(
         "set-budget",
@@ -187,6 +189,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         noise_seed=args.insecure_noise_seed,
         keys_dir=args.keys_dir or state.client_dir(),
         budget_dir=state.client_dir(),
+        bundle_owner_key=client_service.enrolled_owner_key(args.keys_dir or state.client_dir()),
     )
     opts.validate()  # before anything is loaded or reserved (tune checks again)
 

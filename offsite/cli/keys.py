@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from offsite.cli import client_service
 from offsite.cli.ui import console, print_json, warn
 
 
@@ -60,6 +61,7 @@ def register_keys(client_subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--json", action="store_true", help="print paths and fingerprint as JSON")
     p.set_defaults(func=cmd_keys_init)
+    client_service.register_keys(cmds)
 
     p = cmds.add_parser(
         "show",
@@ -102,6 +104,7 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
     )
     info = _describe(paths)
     info["discarded_histories"] = str(paths.discarded_histories) if paths.discarded_histories else None
+    info |= client_service.after_keys_init(Path(_directory(args)), force=args.force)
     if getattr(args, "json", False):
         print_json(info)
         return 0
@@ -114,6 +117,11 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
     )
     console.print(f"  secret salt  {paths.salt}  (mode 0600; keys dataset fingerprints)", soft_wrap=True)
     console.print(f"  public key fingerprint  sha256:{info['public_key_fingerprint']}", soft_wrap=True)
+    console.print(f"  TLS key      {info['tls_key']}  (mode 0600; for the owner's server)", soft_wrap=True)
+    console.print(
+        f"  enrolment request  {info['enrolment_request']}  (send it to the model owner to enrol)",
+        soft_wrap=True,
+    )
     if paths.discarded_histories:
         warn(
             f"budget histories moved to {paths.discarded_histories}: they are no longer enforced, and the "

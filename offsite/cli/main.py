@@ -16,11 +16,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # On a shared 2-core machine, spinning OpenMP workers make each step many times slower.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from offsite.cli import audit, client, demo, evaluate, owner
-from offsite.cli.ui import console, fail
+from offsite.cli import audit, client, demo, evaluate, owner, serve
+from offsite.cli.ui import console, fail, show_warnings_plainly
 from offsite.errors import OffsiteError
 
-ROLES = (owner, client, evaluate, audit, demo)
+ROLES = (owner, serve, client, evaluate, audit, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
+    show_warnings_plainly()
     try:
         return int(args.func(args) or 0)
     except OffsiteError as e:

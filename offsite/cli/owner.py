@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from offsite.cli import owner_service
 from offsite.cli.progress import step_bar
 from offsite.cli.ui import console, print_json, table
 from offsite.training.distill import DistillConfig
@@ -14,8 +15,9 @@ from offsite.training.finetune import TrainConfig
 def register(sub: argparse._SubParsersAction) -> None:
     owner = sub.add_parser(
         "owner",
-        help="model owner: prepare bundles, plug adapters in",
-        description="Commands for the model owner, who keeps the full model.",
+        help="model owner: prepare and publish bundles, enrol data owners, plug adapters in",
+        description="Commands for the model owner, who keeps the full model. `offsite serve` runs its "
+        "server; the commands here work on its state directory with or without the server running.",
     )
     cmds = owner.add_subparsers(dest="owner_command", metavar="COMMAND", required=True)
 
@@ -68,6 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="directory for a resumable distillation checkpoint (resumes if it exists)",
     )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    owner_service.add_state_argument(p)
     p.set_defaults(func=cmd_prepare)
 
     p = cmds.add_parser(
@@ -78,14 +81,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         "checkpoint. LoRA adapters are merged and also exported to OUT/peft/.",
     )
     p.add_argument("model", type=Path, help="the full model the bundle was prepared from")
-    p.add_argument("adapter", type=Path, help="adapter directory returned by the data owner")
+    p.add_argument("adapter", type=Path, nargs="?", help="adapter directory returned by the data owner")
+    p.add_argument(
+        "--submission",
+        default=None,
+        help="instead of ADAPTER: an accepted submission received by `offsite serve`",
+    )
     p.add_argument("--out", type=Path, required=True, help="directory for the merged model")
     p.add_argument(
         "--bundle",
         type=Path,
         default=None,
-        help="the bundle directory (default: the record kept when this machine prepared it)",
+        help="the bundle directory (default: the owner's record of issued bundles in --state)",
     )
+    owner_service.add_state_argument(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_plug)
 
@@ -104,10 +113,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-labels", type=int, default=None)
     p.set_defaults(func=cmd_finetune_full)
+    owner_service.register(cmds)
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from offsite import state
     from offsite.prepare import PrepareOptions, prepare
 
     distill = None
@@ -130,13 +139,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         distill_data=args.distill_data,
         distill=distill,
         distill_checkpoint=args.distill_checkpoint,
-        owner_dir=state.owner_dir(),
     )
     if distill:
         with step_bar("distilling emulator", distill.steps, "kd") as on_step:
             result = prepare(args.model, args.out, opts, on_distill_step=on_step)
     else:
         result = prepare(args.model, args.out, opts)
+    owner_service.record_prepared(args, args.out)
     if args.json:
         print_json(
             {
@@ -175,10 +184,11 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_plug(args: argparse.Namespace) -> int:
-    from offsite import state
     from offsite.plug import plug
 
-    result = plug(args.model, args.adapter, args.out, args.bundle, state.owner_dir())
+    with owner_service.plug_inputs(args) as (adapter_dir, manifests, on_success):
+        result = plug(args.model, adapter_dir, args.out, manifests)
+        on_success()
     if args.json:
         print_json(
             {

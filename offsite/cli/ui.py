@@ -23,6 +23,13 @@ def warn(message: str) -> None:
     err_console.print(f"[yellow]warning:[/yellow] {message}")
 
 
+def show_warnings_plainly() -> None:
+    """Library warnings (for example an unsigned bundle) as one `warning:` line, like ``warn``."""
+    import warnings
+
+    warnings.showwarning = lambda message, category, *args, **kwargs: warn(str(message))
+
+
 def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 

@@ -69,7 +69,7 @@ def run_demo(quick: bool = False, seed: int = 0, as_json: bool = False, keep: Pa
     from offsite.evaluation.settings import EvalInputs, evaluate_settings, score
     from offsite.full_finetune import finetune_full
     from offsite.models.loading import load_model, load_tokenizer
-    from offsite.plug import plug
+    from offsite.plug import manifest_from_bundle_dir, plug
     from offsite.prepare import PrepareOptions, prepare
     from offsite.training.distill import DistillConfig
     from offsite.training.finetune import TrainConfig
@@ -115,7 +115,6 @@ def run_demo(quick: bool = False, seed: int = 0, as_json: bool = False, keep: Pa
                         distill_data=data / "public.txt",
                         distill=distill,
                         seed=seed,
-                        owner_dir=work / "owner",
                     ),
                     on_distill_step=bar,
                 )
@@ -153,8 +152,9 @@ def run_demo(quick: bool = False, seed: int = 0, as_json: bool = False, keep: Pa
                     on_total=bar.set_total,
                 )
         with _stage(timings, "owner plug"):
-            plug(model_dir, work / "adapter", work / "merged", work / "bundle")
-            plug(model_dir, work / "adapter-nodp", work / "merged-nodp", work / "bundle")
+            bundle_manifest = manifest_from_bundle_dir(work / "bundle")
+            plug(model_dir, work / "adapter", work / "merged", bundle_manifest)
+            plug(model_dir, work / "adapter-nodp", work / "merged-nodp", bundle_manifest)
         with _stage(timings, "full fine-tuning (reference)"):
             cfg = TrainConfig(
                 epochs=settings.ft_epochs, lr=settings.ft_lr, batch_size=settings.ft_batch, seed=seed

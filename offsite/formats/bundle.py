@@ -9,23 +9,26 @@ A bundle is a directory::
     tokenizer/                      the source model's tokenizer
 
 The bundle id is the sha256 of ``manifest.json``'s bytes, so it pins every file. Opening
-a bundle checks every hash before anything is loaded. A later issue adds a detached
-signature beside the manifest.
+a bundle checks every hash before anything is loaded, and the owner's detached signature
+``manifest.sig`` by the rules of ``offsite.formats.signing``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from offsite.errors import FormatError, IntegrityError
 from offsite.fileio import canonical_json, read_json, sha256_bytes, sha256_file, write_bytes_atomic
 from offsite.formats.adapter import check_tensor_table, tensor_table
+from offsite.formats.signing import MANIFEST_SIGNATURE, check_bundle_signature
 from offsite.models.adapters import AdapterSpec, AdapterView, positions_from_layer_map
 from offsite.models.registry import Task
 
@@ -41,7 +44,7 @@ def _file_table(root: Path) -> dict[str, str]:
     return {
         p.relative_to(root).as_posix(): sha256_file(p)
         for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
+        if p.is_file() and p.relative_to(root).as_posix() not in (MANIFEST, MANIFEST_SIGNATURE)
     }
 
 
@@ -90,13 +93,17 @@ class Bundle:
     id: str
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> Bundle:
-        """Parse the manifest and verify every file's sha256 before anything is loaded."""
+    def open(cls, path: str | os.PathLike, owner_key: Ed25519PublicKey | None = None) -> Bundle:
+        """Parse the manifest and verify every file's sha256 before anything is loaded.
+
+        ``owner_key``: the model owner's key (from the enrolment package) to check ``manifest.sig``.
+        """
         path = Path(path)
         manifest_path = path / MANIFEST
         if not manifest_path.is_file():
             raise FormatError(f"{path} is not a bundle (no {MANIFEST})")
         data = manifest_path.read_bytes()
+        check_bundle_signature(path, data, owner_key)
         manifest = read_json(manifest_path, "bundle manifest")
         _check_manifest(manifest, manifest_path)
         on_disk = _file_table(path)
@@ -164,41 +171,15 @@ def _check_manifest(m: dict, where: Path) -> None:
             raise FormatError(f"{where}: file path {rel!r} escapes the bundle")
 
 
-# -- the owner's record of the bundles it issued ---------------------------------
-def record_issued(bundle_path: Path, bundle_id: str, owner_dir: Path) -> Path:
-    """Keep a copy of an issued bundle's manifest so adapters can be checked against it later."""
-    dest = owner_dir / "bundles" / f"{bundle_id}.json"
-    write_bytes_atomic(dest, (bundle_path / MANIFEST).read_bytes())
-    return dest
-
-
-def issued_manifest(
-    bundle_id: str, owner_dir: str | os.PathLike | None, bundle_path: str | os.PathLike | None = None
-) -> dict:
-    """The manifest of bundle ``bundle_id``: from ``bundle_path`` if given, else the owner's record.
-
-    The manifest's own hash must equal the id, so a record cannot be swapped.
-    """
-    import re
-
-    if not re.fullmatch(r"[0-9a-f]{64}", bundle_id or ""):
-        raise FormatError(f"malformed bundle id {bundle_id!r}")
-    if bundle_path is not None:
-        source = Path(bundle_path) / MANIFEST
-    elif owner_dir is None:
-        raise FormatError(
-            f"no record of issued bundles to find bundle {bundle_id[:12]}… in; pass --bundle DIR"
-        )
-    else:
-        source = Path(owner_dir) / "bundles" / f"{bundle_id}.json"
-        if not source.is_file():
-            raise FormatError(
-                f"bundle {bundle_id[:12]}… was not issued from this machine (no record in {source.parent}); "
-                "pass --bundle DIR"
-            )
-    data = source.read_bytes()
+def manifest_from_bytes(data: bytes, bundle_id: str, where: str) -> dict:
+    """The manifest of bundle ``bundle_id`` from its exact bytes: the bytes must hash to the id."""
     if sha256_bytes(data) != bundle_id:
-        raise IntegrityError(f"{source} is not the manifest of bundle {bundle_id[:12]}…")
-    manifest = read_json(source, "bundle manifest")
-    _check_manifest(manifest, source)
+        raise IntegrityError(f"{where} is not the manifest of bundle {bundle_id[:12]}…")
+    try:
+        manifest = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise FormatError(f"{where}: must hold a JSON object")
+    _check_manifest(manifest, Path(where))
     return manifest

@@ -1,0 +1,430 @@
+"""The data owner's calls: list jobs, fetch a job's bundle, submit an adapter, ask a submission's state.
+
+**Fetch** checks the owner's signature over the job's manifest with the owner key of the enrolment
+package first, then downloads every file the manifest lists into ``.OUT.fetch/`` beside the output,
+chunk by chunk (each chunk's sha256 checked), resuming a partial file from its size after a break or
+a rerun; each whole file must match the signed manifest. Only a bundle that passes
+``Bundle.open(…, owner_key)`` is moved to ``OUT``.
+
+**Submit** signs an envelope over the adapter's files (``offsite.formats.submission``), opens an
+upload session, and streams the files from the committed offset the server reports, resuming after
+a break; ``KEYS/submissions/`` remembers the open session, so a rerun of the same command continues
+it. The server's decision (accepted, or rejected with the reason) ends it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from offsite import pki
+from offsite.client.connection import Backoff, ServerError, open_channel, retryable, server_error, stub, unary
+from offsite.client.identity import Credentials
+from offsite.errors import FormatError, IntegrityError, OffsiteError
+from offsite.fileio import canonical_json, check_new_output, sha256_bytes, sha256_file, write_bytes_atomic
+from offsite.formats import signing
+from offsite.formats import submission as envelope_format
+from offsite.formats.bundle import MANIFEST, Bundle
+from offsite.wire import transport
+from offsite.wire.v1 import offsite_pb2 as pb
+
+#: progress(description, total_bytes) -> update(bytes_done); one bar per transfer.
+Progress = Callable[[str, int], Callable[[int], None]]
+_SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+STATE_NAMES = {
+    pb.SUBMISSION_STATE_UNSPECIFIED: "unknown",
+    pb.SUBMISSION_STATE_UPLOADING: "uploading",
+    pb.SUBMISSION_STATE_RECEIVED: "received",
+    pb.SUBMISSION_STATE_REJECTED: "rejected",
+    pb.SUBMISSION_STATE_ACCEPTED: "accepted",
+    pb.SUBMISSION_STATE_PLUGGED: "plugged",
+}
+
+
+def _no_progress(description: str, total: int) -> Callable[[int], None]:
+    return lambda n: None
+
+
+class Watchdog:
+    """Cancels a call that makes no progress for ``timeout`` seconds (transfers never time out otherwise)."""
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self._last = time.monotonic()
+        self._call = None
+        self._stop = threading.Event()
+        self.fired = False
+
+    def watch(self, call) -> Watchdog:
+        self._call = call
+        threading.Thread(target=self._run, daemon=True).start()
+        return self
+
+    def touch(self, timeout: float | None = None) -> None:
+        self._last = time.monotonic()
+        if timeout is not None:
+            self.timeout = timeout
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            if time.monotonic() - self._last > self.timeout:
+                self.fired = True
+                self._call.cancel()
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+@dataclass
+class SubmitResult:
+    submission: pb.Submission
+    resumed: bool
+
+
+class OffsiteClient:
+    def __init__(
+        self,
+        credentials: Credentials,
+        keys_dir: Path,
+        server: str | None = None,
+        *,
+        chunk_bytes: int = transport.CHUNK_BYTES,
+        retry_budget: float = transport.RETRY_BUDGET_S,
+        on_retry: Callable[[str, float], None] | None = None,
+    ):
+        if not 0 < chunk_bytes <= transport.MAX_CHUNK_BYTES:
+            raise OffsiteError(f"chunk size must be in (0, {transport.MAX_CHUNK_BYTES}]")
+        self.credentials = credentials
+        self.keys_dir = Path(keys_dir)
+        self.channel = open_channel(credentials, server)
+        self.stub = stub(self.channel)
+        self.chunk_bytes = chunk_bytes
+        self.retry_budget = retry_budget
+        self.on_retry = on_retry
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> OffsiteClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _backoff(self) -> Backoff:
+        return Backoff(self.retry_budget, self.on_retry)
+
+    # -- jobs -------------------------------------------------------------------------------------
+    def list_jobs(self) -> list[pb.Job]:
+        jobs, token, backoff = [], "", self._backoff()
+        while True:
+            response = unary(self.stub.ListJobs, pb.ListJobsRequest(page_token=token), backoff)
+            jobs.extend(response.jobs)
+            token = response.next_page_token
+            if not token:
+                return jobs
+
+    def job(self, job_id: str) -> pb.Job:
+        for job in self.list_jobs():
+            if job.job_id == job_id:
+                return job
+        raise OffsiteError(
+            f"no job {job_id!r} is open to client {self.credentials.client_id} (`offsite client jobs`)"
+        )
+
+    def verified_manifest(self, job: pb.Job) -> dict:
+        """The job's manifest, after its signature by the enrolled owner key and its bundle id check."""
+        if not job.manifest_signature:
+            raise IntegrityError(f"job {job.job_id}: the bundle is not signed by the owner")
+        signing.verify_manifest(job.manifest, job.manifest_signature, self.credentials.owner_key)
+        if sha256_bytes(job.manifest) != job.bundle_id:
+            raise IntegrityError(f"job {job.job_id}: the manifest does not hash to the bundle id")
+        try:
+            manifest = json.loads(job.manifest)
+        except ValueError as e:
+            raise FormatError(f"job {job.job_id}: the manifest is not JSON ({e})") from None
+        files = manifest.get("files") if isinstance(manifest, dict) else None
+        if not isinstance(files, dict) or not files:
+            raise FormatError(f"job {job.job_id}: the manifest lists no files")
+        for rel, digest in files.items():
+            parts = rel.split("/") if isinstance(rel, str) else []
+            if (
+                not parts
+                or not all(_SEGMENT.fullmatch(p) for p in parts)
+                or rel in (MANIFEST, signing.MANIFEST_SIGNATURE)
+            ):
+                raise FormatError(
+                    f"job {job.job_id}: the manifest lists a file path {rel!r} that is not allowed"
+                )
+            if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
+                raise FormatError(f"job {job.job_id}: the manifest's sha256 of {rel!r} is malformed")
+        return manifest
+
+    # -- fetch ------------------------------------------------------------------------------------
+    def fetch(self, job_id: str, out: str | os.PathLike, progress: Progress = _no_progress) -> Bundle:
+        out = check_new_output(out)
+        job = self.job(job_id)
+        manifest = self.verified_manifest(job)
+        stage = out.parent / f".{out.name}.fetch"
+        bundle_dir = stage / "bundle"
+        marker = stage / "fetch.json"
+        if stage.exists():
+            try:
+                same = json.loads(marker.read_text()).get("bundle_id") == job.bundle_id
+            except (OSError, ValueError):
+                same = False
+            if not same:  # partial files of another bundle: start over
+                shutil.rmtree(stage)
+        bundle_dir.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(marker, canonical_json({"job_id": job_id, "bundle_id": job.bundle_id}))
+        for rel, digest in sorted(manifest["files"].items()):
+            self._download(job_id, rel, digest, bundle_dir / rel, progress)
+        write_bytes_atomic(bundle_dir / MANIFEST, job.manifest)
+        write_bytes_atomic(bundle_dir / signing.MANIFEST_SIGNATURE, job.manifest_signature)
+        bundle = Bundle.open(bundle_dir, owner_key=self.credentials.owner_key)
+        os.replace(bundle_dir, out)
+        shutil.rmtree(stage, ignore_errors=True)
+        return Bundle(path=out, manifest=bundle.manifest, id=bundle.id)
+
+    def _download(self, job_id: str, rel: str, digest: str, dest: Path, progress: Progress) -> None:
+        if dest.is_file():
+            if sha256_file(dest) == digest:
+                return
+            dest.unlink()
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        part = dest.with_name(dest.name + ".part")
+        for attempt in range(2):
+            self._download_part(job_id, rel, part, progress)
+            if sha256_file(part) == digest:
+                os.replace(part, dest)
+                return
+            part.unlink()  # a corrupt partial (e.g. after a power cut here): fetch the file once more
+            if attempt:
+                raise IntegrityError(f"{rel}: the downloaded file does not match the signed manifest")
+
+    def _download_part(self, job_id: str, rel: str, part: Path, progress: Progress) -> None:
+        backoff = self._backoff()
+        update = None
+        with open(part, "ab") as f:
+            while True:
+                offset = f.tell()
+                call = self.stub.DownloadFile(pb.DownloadFileRequest(job_id=job_id, path=rel, offset=offset))
+                dog = Watchdog(transport.STALL_TIMEOUT_S).watch(call)
+                try:
+                    for chunk in call:
+                        dog.touch()
+                        if chunk.offset != offset:
+                            raise IntegrityError(f"{rel}: chunk at offset {chunk.offset}, expected {offset}")
+                        if hashlib.sha256(chunk.data).hexdigest() != chunk.sha256:
+                            raise IntegrityError(f"{rel}: chunk at offset {offset} does not match its sha256")
+                        if update is None:
+                            update = progress(rel, chunk.file_size)
+                        f.write(chunk.data)
+                        offset += len(chunk.data)
+                        update(offset)
+                        backoff.progress()
+                        if offset >= chunk.file_size:
+                            f.flush()
+                            return
+                    raise OffsiteError(f"{rel}: the server ended the download at byte {offset}")
+                except grpc.RpcError as e:
+                    f.flush()
+                    if not (retryable(e) or (e.code() == grpc.StatusCode.CANCELLED and dog.fired)):
+                        raise server_error(e) from None
+                    backoff.wait(e)
+                finally:
+                    dog.stop()
+
+    # -- submit -----------------------------------------------------------------------------------
+    def _pending_path(self, job_id: str, files: list[dict]) -> Path:
+        key = sha256_bytes(canonical_json({"job_id": job_id, "files": files}))[:32]
+        return self.keys_dir / "submissions" / "pending" / f"{key}.json"
+
+    def submit(
+        self, job_id: str, adapter_dir: str | os.PathLike, progress: Progress = _no_progress
+    ) -> SubmitResult:
+        pki.validate_name(job_id, "job id")
+        adapter_dir = Path(adapter_dir)
+        files = envelope_format.files_of(adapter_dir)
+        pending = self._pending_path(job_id, files)
+        submission_id, resumed = None, False
+        if pending.is_file():
+            submission_id = json.loads(pending.read_text())["submission_id"]
+            resumed = True
+        backoff = self._backoff()
+        if submission_id is not None:
+            try:
+                status = unary(
+                    self.stub.QueryWriteStatus,
+                    pb.QueryWriteStatusRequest(submission_id=submission_id),
+                    backoff,
+                )
+                if status.complete:
+                    return SubmitResult(self._finish_pending(pending, submission_id), resumed)
+            except ServerError as e:
+                if e.code != grpc.StatusCode.NOT_FOUND:
+                    raise
+                submission_id, resumed = None, False
+        if submission_id is None:
+            begun = self._begin(job_id, files, backoff)
+            submission_id = begun.submission_id
+            write_bytes_atomic(
+                pending,
+                canonical_json(
+                    {
+                        "submission_id": submission_id,
+                        "job_id": job_id,
+                        "adapter": str(adapter_dir.resolve()),
+                        "files": files,
+                    }
+                ),
+            )
+        try:
+            record = self._upload(submission_id, adapter_dir, files, progress)
+        except ServerError:
+            # Refused at the end (a failed check) or in the middle: if the server decided it, the session
+            # is over and the decision is remembered; otherwise a rerun resumes it.
+            with contextlib.suppress(OffsiteError):
+                record = self.status(submission_id)
+                if record.state not in (pb.SUBMISSION_STATE_UPLOADING, pb.SUBMISSION_STATE_RECEIVED):
+                    self._remember(submission_id, job_id, adapter_dir, record)
+                    pending.unlink(missing_ok=True)
+            raise
+        self._remember(submission_id, job_id, adapter_dir, record)
+        pending.unlink(missing_ok=True)
+        return SubmitResult(record, resumed)
+
+    def _begin(self, job_id: str, files: list[dict], backoff: Backoff) -> pb.BeginSubmissionResponse:
+        """Open an upload session. Each attempt signs a fresh envelope: if an earlier attempt reached the
+        server (and only its answer was lost), its nonce is spent, and that session is simply abandoned."""
+        while True:
+            envelope = envelope_format.make_envelope(job_id, self.credentials.client_id, files)
+            signature = envelope_format.sign_envelope(envelope, self.credentials.signing_key)
+            request = pb.BeginSubmissionRequest(envelope=envelope, signature=signature)
+            try:
+                return self.stub.BeginSubmission(request, timeout=transport.UNARY_DEADLINE_S)
+            except grpc.RpcError as e:
+                if not retryable(e):
+                    raise server_error(e) from None
+                backoff.wait(e)
+
+    def _finish_pending(self, pending: Path, submission_id: str) -> pb.Submission:
+        record = self.status(submission_id)
+        doc = json.loads(pending.read_text())
+        self._remember(submission_id, doc["job_id"], Path(doc["adapter"]), record)
+        pending.unlink(missing_ok=True)
+        return record
+
+    def _remember(self, submission_id: str, job_id: str, adapter_dir: Path, record: pb.Submission) -> None:
+        write_bytes_atomic(
+            self.keys_dir / "submissions" / f"{submission_id}.json",
+            canonical_json(
+                {
+                    "submission_id": submission_id,
+                    "job_id": job_id,
+                    "adapter": str(adapter_dir.resolve()),
+                    "state": STATE_NAMES.get(record.state, "unknown"),
+                    "reason": record.reason,
+                }
+            ),
+        )
+
+    def _chunks(
+        self, submission_id: str, adapter_dir: Path, files: list[dict], start: int, dog: Watchdog, update
+    ) -> Iterator[pb.WriteSubmissionRequest]:
+        """The concatenated files from byte ``start``, as chunks; the last message finishes the write."""
+        position, first = 0, True
+        for f in files:
+            end = position + f["size"]
+            if end > start:
+                with open(adapter_dir / f["name"], "rb") as fh:
+                    fh.seek(max(start - position, 0))
+                    offset = max(start, position)
+                    while offset < end:
+                        data = fh.read(min(self.chunk_bytes, end - offset))
+                        if not data:
+                            raise OffsiteError(
+                                f"{adapter_dir / f['name']} shrank while it was being uploaded"
+                            )
+                        dog.touch()
+                        yield pb.WriteSubmissionRequest(
+                            submission_id=submission_id if first else "",
+                            offset=offset,
+                            data=data,
+                            sha256=hashlib.sha256(data).hexdigest(),
+                        )
+                        first = False
+                        offset += len(data)
+                        update(offset)
+            position = end
+        dog.touch(transport.DECIDE_TIMEOUT_S)  # the server now checks the submission
+        yield pb.WriteSubmissionRequest(
+            submission_id=submission_id if first else "", offset=position, finish_write=True
+        )
+
+    def _upload(
+        self, submission_id: str, adapter_dir: Path, files: list[dict], progress: Progress
+    ) -> pb.Submission:
+        update = progress(adapter_dir.name, sum(f["size"] for f in files))
+        backoff = self._backoff()
+        while True:
+            status = unary(
+                self.stub.QueryWriteStatus, pb.QueryWriteStatusRequest(submission_id=submission_id), backoff
+            )
+            if status.complete:
+                return self.status(submission_id)
+            update(status.committed_size)  # resume from what the server holds durably
+            dog = Watchdog(transport.STALL_TIMEOUT_S)
+            future = self.stub.WriteSubmission.future(
+                self._chunks(submission_id, adapter_dir, files, status.committed_size, dog, update)
+            )
+            dog.watch(future)
+            try:
+                response = future.result()
+                if response.HasField("submission"):
+                    return response.submission
+                backoff.progress()
+            except grpc.RpcError as e:
+                if not (retryable(e) or (e.code() == grpc.StatusCode.CANCELLED and dog.fired)):
+                    raise server_error(e) from None
+                backoff.wait(e)
+            finally:
+                dog.stop()
+
+    # -- status and receipts ------------------------------------------------------------------------
+    def status(self, submission_id: str) -> pb.Submission:
+        return unary(
+            self.stub.GetSubmission, pb.GetSubmissionRequest(submission_id=submission_id), self._backoff()
+        )
+
+    def receipts(self, dataset_id: str = "") -> list[pb.Receipt]:
+        return list(
+            unary(
+                self.stub.ListReceipts, pb.ListReceiptsRequest(dataset_id=dataset_id), self._backoff()
+            ).receipts
+        )
+
+
+def remembered_submissions(keys_dir: Path) -> list[dict]:
+    directory = Path(keys_dir) / "submissions"
+    out = []
+    for path in sorted(directory.glob("*.json")) if directory.is_dir() else []:
+        try:
+            out.append(json.loads(path.read_text()))
+        except ValueError:
+            continue
+    return out

@@ -1,0 +1,56 @@
+"""`offsite serve`: run the model owner's gRPC server on a state directory."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="model owner: run the server data owners fetch bundles from and submit adapters to",
+        description="Serve the owner's jobs over gRPC with mutual TLS: data owners enrolled with `offsite "
+        "owner enrol` list their jobs, download signed bundles and upload adapters with signed receipts, "
+        "which are checked before they count. Needs `offsite owner init` first; reads the server "
+        "certificate and key, never the CA key. Health (grpc.health.v1) and reflection are on the same "
+        "port. SIGTERM or Ctrl-C drains calls in flight (up to 30 s) and exits. docs/service.md says how "
+        "to expose it to the internet.",
+    )
+    from offsite.cli.owner_service import add_state_argument
+
+    add_state_argument(p)
+    p.add_argument(
+        "--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0: every interface)"
+    )
+    p.add_argument(
+        "--port", type=int, default=None, help="port (default: the one given to `owner init`, 50051)"
+    )
+    p.add_argument(
+        "--insecure-loopback",
+        action="store_true",
+        help="tests only: plaintext, health service only, and only on a loopback address",
+    )
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from offsite.cli.owner_service import state_dir
+    from offsite.server import app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    state = state_dir(args)
+    if not args.insecure_loopback and not Path(state).joinpath("server.json").is_file():
+        from offsite.errors import OffsiteError
+
+        raise OffsiteError(
+            f"{state} is not initialised: run `offsite owner init --state {state} --server-name NAME`"
+        )
+
+    def ready(server) -> None:
+        mode = "plaintext, health only" if server.insecure_loopback else "mutual TLS"
+        # Tests and scripts read this line to learn the port (with --port 0).
+        print(f"serving on {app.address(server.host, server.port)} ({mode}); state {state}", flush=True)
+
+    return app.run(state, args.host, args.port, args.insecure_loopback, on_ready=ready)

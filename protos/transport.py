@@ -1,0 +1,83 @@
+"""Every transfer setting of both sides in one place: chunk size, message limits, keepalive, deadlines.
+
+The numbers follow two rules (docs/service.md explains them to operators):
+
+* A message must fit in the limit on both sides, with room to spare: a chunk is at most
+  ``MAX_CHUNK_BYTES`` (4 MiB, the most a client may send) and a message at most ``MAX_MESSAGE_BYTES``
+  (chunk + 1 MiB for the other fields). One message never approaches protobuf's 2 GB ceiling, so
+  files of any size move as streams of chunks.
+* Transfers time out only when they make no progress (``STALL_TIMEOUT_S``), never because a large file
+  takes long; short calls get a plain deadline; dead peers are found by HTTP/2 keepalive pings.
+"""
+
+from __future__ import annotations
+
+MiB = 1 << 20
+
+#: Size of the chunks both sides send (bundle files down, submission files up).
+CHUNK_BYTES = 1 * MiB
+#: The largest chunk the server accepts in an upload.
+MAX_CHUNK_BYTES = 4 * MiB
+#: The largest gRPC message either side sends or receives (a chunk plus its fields, or one page of jobs).
+MAX_MESSAGE_BYTES = MAX_CHUNK_BYTES + 1 * MiB
+
+#: Deadline of a unary call (listing jobs, opening a submission, asking a status).
+UNARY_DEADLINE_S = 30.0
+#: A stream that moves no byte for this long is ended by either side (the transfer is resumable).
+STALL_TIMEOUT_S = 60.0
+#: After finish_write, how long the client waits for the server's checks (receipt accounting included).
+DECIDE_TIMEOUT_S = 300.0
+
+#: A second stream on the same submission waits this long for the first to end, then gets ABORTED.
+WRITER_WAIT_S = 2.0
+
+#: The server makes received bytes durable (fsync, then the committed offset) this often, and at the
+#: end of every stream: a crash loses at most this much of an upload, never anything reported.
+COMMIT_INTERVAL_S = 0.5
+COMMIT_BYTES = 64 * MiB
+
+#: On SIGTERM the server stops taking calls and lets calls in flight finish for this long.
+DRAIN_GRACE_S = 30.0
+#: Threads serving calls (each open stream holds one) and calls admitted at once (the rest get
+#: RESOURCE_EXHAUSTED, which clients retry with backoff).
+MAX_WORKERS = 64
+MAX_CONCURRENT_RPCS = 256
+
+#: Client retries of UNAVAILABLE / RESOURCE_EXHAUSTED / ABORTED: exponential backoff with full jitter,
+#: until RETRY_BUDGET_S have passed without any progress.
+RETRY_INITIAL_S = 0.25
+RETRY_MAX_S = 8.0
+RETRY_BUDGET_S = 120.0
+
+#: Keepalive: the server pings idle connections every 30 s and drops a peer that does not answer in 10
+#: s; it accepts client pings at most every 10 s (more often is a "ping strike").
+_KEEPALIVE_TIME_MS = 30_000
+_KEEPALIVE_TIMEOUT_MS = 10_000
+_MIN_PING_INTERVAL_MS = 10_000
+
+
+def server_options() -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.keepalive_time_ms", _KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", _KEEPALIVE_TIMEOUT_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", _MIN_PING_INTERVAL_MS),
+        ("grpc.http2.max_ping_strikes", 2),
+        # gRPC sets SO_REUSEPORT by default: a second server on the same port would silently share the
+        # calls. Without it, starting a second server on a port in use fails.
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def channel_options() -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.keepalive_time_ms", _KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", _KEEPALIVE_TIMEOUT_MS),
+        ("grpc.keepalive_permit_without_calls", 0),
+        # The client does its own retries (with resume); gRPC's transparent retries would hide them.
+        ("grpc.enable_retries", 0),
+    ]

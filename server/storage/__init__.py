@@ -1,0 +1,1 @@
+"""The owner's state behind one small interface (see ``base``)."""

@@ -1,0 +1,207 @@
+"""The owner's records behind one small interface: clients, issued bundles, jobs, submissions, nonces.
+
+A backend implements ``Storage``; ``sqlite.SQLiteStorage`` is the embedded default and a PostgreSQL
+backend can follow without touching its callers: the interface speaks in the records below, plain
+Python values and the errors of ``offsite.server.errors``, never in SQL, rows or driver exceptions.
+Every method is one transaction: it happens completely or not at all, and once it returns it is
+durable. ``tests/test_storage.py`` is one suite written against this interface, run on each backend.
+
+Files (bundle files, accepted adapters, partial uploads) are not here: ``blobs.BlobStore`` holds them
+by sha256.
+"""
+
+from __future__ import annotations
+
+import abc
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+
+def utc_now() -> str:
+    """Time stamps in records: RFC 3339, UTC, to the microsecond (they sort as strings)."""
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class SubmissionState(str, Enum):
+    UPLOADING = "uploading"  # bytes still arriving
+    RECEIVED = "received"  # every byte durable; checks not finished
+    REJECTED = "rejected"  # a check failed; its files are gone
+    ACCEPTED = "accepted"  # every check passed; files in the blob store
+    PLUGGED = "plugged"  # the owner plugged it in
+
+
+@dataclass(frozen=True)
+class ClientRecord:
+    client_id: str
+    cert_sha256: str  # the pin: sha256 of the DER certificate issued at enrolment
+    cert_pem: bytes
+    receipt_key: str  # the data owner's Ed25519 public key (base64 of the raw 32 bytes)
+    receipt_key_fingerprint: str
+    enrolled_at: str
+    revoked_at: str | None = None
+    revoked_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class BundleRecord:
+    bundle_id: str  # sha256 of manifest
+    manifest: bytes  # exact bytes of manifest.json
+    signature: bytes | None  # exact bytes of manifest.sig, once published
+    recorded_at: str
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    job_id: str
+    bundle_id: str
+    max_epsilon: float
+    max_delta: float
+    allow_no_dp: bool
+    max_adapter_bytes: int
+    clients: tuple[str, ...]
+    published_at: str
+
+
+@dataclass(frozen=True)
+class DeclaredFile:
+    name: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class SubmissionRecord:
+    submission_id: str
+    client_id: str
+    job_id: str
+    bundle_id: str
+    state: SubmissionState
+    files: tuple[DeclaredFile, ...]  # in upload order
+    nonce: str
+    envelope: bytes  # the signed envelope's exact bytes and its signature
+    envelope_signature: bytes
+    created_at: str
+    committed: int = 0  # bytes durably stored; never decreases
+    reason: str = ""
+    received_at: str | None = None
+    decided_at: str | None = None
+    plugged_at: str | None = None
+    adapter_sha256: str = ""
+    dataset_id: str = ""  # from the receipt; "" for a non-private adapter
+    epsilon: float = 0.0  # the receipt's cumulative ε (PRV upper) on dataset_id
+    delta: float = 0.0
+    receipt: bytes | None = None  # exact bytes of receipt.json and receipt.sig, once accepted
+    receipt_signature: bytes | None = None
+    plugged_into: str = ""
+
+    @property
+    def total(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the checks concluded about a received submission."""
+
+    state: SubmissionState  # ACCEPTED or REJECTED
+    reason: str = ""
+    adapter_sha256: str = ""
+    dataset_id: str = ""
+    epsilon: float = 0.0
+    delta: float = 0.0
+    receipt: bytes | None = None
+    receipt_signature: bytes | None = None
+
+
+class Storage(abc.ABC):
+    """The owner's records. Raises NotFoundError, AlreadyExistsError, ReplayError, OffsiteError."""
+
+    # -- clients ------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def add_client(self, client: ClientRecord) -> None:
+        """AlreadyExistsError if the client id (or the certificate) is known."""
+
+    @abc.abstractmethod
+    def get_client(self, client_id: str) -> ClientRecord: ...
+
+    @abc.abstractmethod
+    def client_by_cert(self, cert_sha256: str) -> ClientRecord | None:
+        """The client pinned to this certificate, revoked or not; None if nobody is."""
+
+    @abc.abstractmethod
+    def list_clients(self) -> list[ClientRecord]: ...
+
+    @abc.abstractmethod
+    def revoke_client(self, client_id: str, reason: str) -> ClientRecord:
+        """Mark revoked (idempotent: a second revocation keeps the first time and reason)."""
+
+    @abc.abstractmethod
+    def revoked_certs(self) -> frozenset[str]:
+        """The pins of every revoked certificate (the server polls this to end open streams)."""
+
+    # -- bundles and jobs -----------------------------------------------------------------------
+    @abc.abstractmethod
+    def record_bundle(self, bundle_id: str, manifest: bytes) -> BundleRecord:
+        """Keep an issued bundle's manifest (idempotent for the same bytes)."""
+
+    @abc.abstractmethod
+    def sign_bundle(self, bundle_id: str, signature: bytes) -> None: ...
+
+    @abc.abstractmethod
+    def get_bundle(self, bundle_id: str) -> BundleRecord: ...
+
+    @abc.abstractmethod
+    def add_job(self, job: JobRecord) -> None:
+        """AlreadyExistsError if the job id is taken; NotFoundError for an unknown bundle or client."""
+
+    @abc.abstractmethod
+    def get_job(self, job_id: str) -> JobRecord: ...
+
+    @abc.abstractmethod
+    def jobs_for_client(self, client_id: str) -> list[JobRecord]: ...
+
+    @abc.abstractmethod
+    def list_jobs(self) -> list[JobRecord]: ...
+
+    # -- submissions ----------------------------------------------------------------------------
+    @abc.abstractmethod
+    def add_submission(self, submission: SubmissionRecord) -> None:
+        """Record a new upload session and its nonce in one transaction (ReplayError if seen)."""
+
+    @abc.abstractmethod
+    def get_submission(self, submission_id: str) -> SubmissionRecord: ...
+
+    @abc.abstractmethod
+    def set_committed(self, submission_id: str, committed: int) -> int:
+        """Raise the committed size (never lowers it); return the stored value."""
+
+    @abc.abstractmethod
+    def mark_received(self, submission_id: str) -> SubmissionRecord:
+        """UPLOADING -> RECEIVED once every byte is durable (idempotent)."""
+
+    @abc.abstractmethod
+    def decide(self, submission_id: str, decision: Decision) -> SubmissionRecord:
+        """RECEIVED -> ACCEPTED or REJECTED (once: a decided submission keeps its decision)."""
+
+    @abc.abstractmethod
+    def mark_plugged(self, submission_id: str, into: str) -> SubmissionRecord:
+        """ACCEPTED -> PLUGGED (PLUGGED again is allowed: a model may be merged twice)."""
+
+    @abc.abstractmethod
+    def list_submissions(
+        self,
+        *,
+        job_id: str | None = None,
+        client_id: str | None = None,
+        states: Sequence[SubmissionState] | None = None,
+    ) -> list[SubmissionRecord]:
+        """Oldest first."""
+
+    @abc.abstractmethod
+    def accepted_receipts(self, client_id: str, dataset_id: str | None = None) -> list[SubmissionRecord]:
+        """Accepted (and plugged) submissions of ``client_id`` that carry a receipt, oldest first."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...

@@ -1,0 +1,267 @@
+"""Durability with a real server process: kill -9 in the middle of an upload and of a download, restart
+on the same state, the client resumes and finishes; SIGTERM drains calls in flight and exits 0."""
+
+from __future__ import annotations
+
+import hashlib
+import signal
+import threading
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from world import ServerProcess, copy_state, free_port
+
+from offsite.fileio import sha256_file
+from offsite.prepare import PrepareOptions, prepare
+from offsite.server import admin
+from offsite.server.owner_state import OwnerState
+from offsite.server.storage.base import SubmissionState
+from offsite.wire.v1 import offsite_pb2 as pb
+
+
+@pytest.fixture
+def state(world, tmp_path):
+    """A private copy of the owner's state, without the CA key: `serve` must not need it."""
+    path = copy_state(world, tmp_path / "owner")
+    (path / "ca" / "ca.key").unlink()
+    return path
+
+
+@pytest.fixture
+def served(state):
+    server = ServerProcess(state, free_port()).start()
+    yield server
+    if server.proc.poll() is None:
+        server.proc.kill()
+        server.proc.wait()
+
+
+def _restart_after(server: ServerProcess, delay: float) -> threading.Thread:
+    t = threading.Thread(target=lambda: (time.sleep(delay), server.start()), daemon=True)
+    t.start()
+    return t
+
+
+def _blobs_are_whole(state) -> None:
+    """Every stored file hashes to its name; no temporary leftovers."""
+    files = [p for p in (state / "blobs" / "sha256").rglob("*") if p.is_file()]
+    assert files
+    for p in files:
+        assert not p.name.startswith(".tmp-")
+        assert sha256_file(p) == p.name
+
+
+def test_kill_9_mid_upload_then_resume(world, state, served):
+    with world.client("alice", served.port, chunk_bytes=2048) as c:
+        before = c.submit("j1", world.adapter).submission
+    assert before.state == pb.SUBMISSION_STATE_ACCEPTED
+
+    channel, stub = world.stub("alice", served.port)
+    seen: list[int] = []
+    crash = {"at": None, "restart": None}
+    total = sum(p.stat().st_size for p in world.adapter.iterdir() if p.is_file())
+
+    def progress(description, size):
+        def update(done):
+            seen.append(done)
+            time.sleep(0.01)
+            if crash["at"] is None and done > size * 0.3:
+                pending = list((world.clients["alice"] / "submissions" / "pending").glob("*.json"))
+                sid = __import__("json").loads(pending[0].read_text())["submission_id"]
+                committed = stub.QueryWriteStatus(
+                    pb.QueryWriteStatusRequest(submission_id=sid)
+                ).committed_size
+                if committed > 0:  # something is durable: now the crash
+                    crash["at"] = (done, committed)
+                    served.kill()
+                    crash["restart"] = _restart_after(served, 1.0)
+
+        return update
+
+    with world.client("alice", served.port, chunk_bytes=2048, retry_budget=60) as c:
+        result = c.submit("j1", world.adapter, progress=progress)
+    channel.close()
+    assert crash["at"] is not None, "the server was never killed"
+    crash["restart"].join()
+    assert result.submission.state == pb.SUBMISSION_STATE_ACCEPTED, result.submission.reason
+    # the client resumed from what the server had durably committed, not from zero
+    killed_at, committed = crash["at"]
+    resumed_from = seen[seen.index(killed_at) + 1 :]
+    assert any(0 < v <= killed_at for v in resumed_from), seen
+    assert seen[-1] == total
+    with world.client("alice", served.port) as c:
+        assert (
+            c.status(before.submission_id).state == pb.SUBMISSION_STATE_ACCEPTED
+        )  # nothing accepted was lost
+    served.stop()
+    with OwnerState(state) as s:
+        record = s.storage.get_submission(result.submission.submission_id)
+        stored = {f.name: s.blobs.path(f.sha256) for f in record.files}
+        for name, path in stored.items():
+            assert path.read_bytes() == (world.adapter / name).read_bytes()
+        assert s.uploads.present() == []
+    _blobs_are_whole(state)
+
+
+@pytest.fixture(scope="module")
+def big_job(world, tmp_path_factory):
+    """A bundle with an emulator of ~9 MB (several 1 MiB chunks), published to alice as job `big`."""
+    from tiny import make_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("big")
+    model = make_tiny_checkpoint(root / "model", "gpt2", layers=4, hidden=256)
+    bundle = root / "bundle"
+    prepare(model, bundle, PrepareOptions(adapter_bottom=1, adapter_top=1))
+    return bundle
+
+
+def test_kill_9_mid_download_then_resume(world, state, big_job, tmp_path):
+    with OwnerState(state) as s:
+        admin.publish(s, big_job, job_id="big", clients=["alice"], max_epsilon=10, max_delta=1e-3)
+    served = ServerProcess(state, free_port()).start()
+    crash = {"restart": None}
+    seen: dict[str, list[int]] = {}
+    try:
+
+        def progress(name, size):
+            seen[name] = []
+
+            def update(done):
+                seen[name].append(done)
+                if name == "emulator/model.safetensors" and crash["restart"] is None and len(seen[name]) == 3:
+                    served.kill()
+                    crash["restart"] = _restart_after(served, 1.0)
+                time.sleep(0.05)
+
+            return update
+
+        with world.client("alice", served.port, retry_budget=60) as c:
+            bundle = c.fetch("big", tmp_path / "fetched", progress=progress)
+        assert crash["restart"] is not None
+        crash["restart"].join()
+        emulator = seen["emulator/model.safetensors"]
+        assert len(emulator) > 3 and emulator == sorted(emulator)  # resumed at the offset held: nothing twice
+        for rel, digest in bundle.manifest["files"].items():
+            assert sha256_file(tmp_path / "fetched" / rel) == digest
+        assert (tmp_path / "fetched" / "emulator" / "model.safetensors").read_bytes() == (
+            big_job / "emulator" / "model.safetensors"
+        ).read_bytes()
+    finally:
+        if served.proc.poll() is None:
+            served.stop()
+    _blobs_are_whole(state)
+
+
+def test_an_interrupted_fetch_continues_on_the_next_run(world, served, tmp_path):
+    class Stop(Exception):
+        pass
+
+    def interrupting(name, size):
+        def update(done):
+            if name == "initial_adapter.safetensors":
+                raise Stop
+
+        return update
+
+    with world.client("alice", served.port, retry_budget=5) as c, pytest.raises(Stop):
+        c.fetch("j1", tmp_path / "fetched", progress=interrupting)
+    stage = tmp_path / ".fetched.fetch" / "bundle"
+    kept = sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file())
+    assert "initial_adapter.safetensors.part" in kept and len(kept) > 1  # earlier files and a partial one
+    fetched: list[str] = []
+    with world.client("alice", served.port) as c:
+        c.fetch(
+            "j1", tmp_path / "fetched", progress=lambda name, size: fetched.append(name) or (lambda d: None)
+        )
+    assert "emulator/model.safetensors" not in fetched  # complete files were kept, not fetched again
+    assert not (tmp_path / ".fetched.fetch").exists()
+
+
+def test_sigterm_drains_calls_in_flight_and_exits_cleanly(world, served):
+    outcome = {}
+
+    def slow_submit():
+        def progress(name, size):
+            return lambda done: time.sleep(0.03)
+
+        with world.client("alice", served.port, chunk_bytes=4096, retry_budget=5) as c:
+            try:
+                outcome["state"] = c.submit("j1", world.adapter, progress=progress).submission.state
+            except Exception as e:  # noqa: BLE001
+                outcome["error"] = e
+
+    t = threading.Thread(target=slow_submit)
+    t.start()
+    time.sleep(1.0)
+    served.proc.send_signal(signal.SIGTERM)
+    started = time.monotonic()
+    t.join(timeout=60)
+    code = served.proc.wait(timeout=60)
+    assert outcome.get("state") == pb.SUBMISSION_STATE_ACCEPTED, outcome
+    assert code == 0 and time.monotonic() - started < 30
+    assert any("draining" in line for line in served.output)
+    channel = grpc.insecure_channel(f"127.0.0.1:{served.port}")
+    with pytest.raises(grpc.RpcError) as info:
+        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE  # stopped: nothing listens any more
+
+
+def test_insecure_loopback_serves_health_only_and_only_on_loopback(state):
+    from offsite.errors import OffsiteError
+    from offsite.server.app import OffsiteServer
+    from offsite.wire.v1 import offsite_pb2_grpc
+
+    for host in ("0.0.0.0", "192.0.2.1", "example.org"):
+        with pytest.raises(OffsiteError, match="loopback only"):
+            OffsiteServer(state, host, 0, insecure_loopback=True)
+    server = OffsiteServer(state, "127.0.0.1", 0, insecure_loopback=True)
+    port = server.start()
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as info:
+            offsite_pb2_grpc.OffsiteServiceStub(channel).ListJobs(pb.ListJobsRequest(), timeout=5)
+        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        channel.close()
+    finally:
+        server.stop(grace=1)
+
+
+def test_received_submission_is_decided_after_a_crash(world, state):
+    """A crash after every byte was durable but before the checks ran: the restart decides it."""
+    with OwnerState(state) as s:
+        from offsite.formats import submission as envelope_format
+        from offsite.server.auth import Caller
+        from offsite.server.service import OffsiteService, WriteMessage
+
+        service = OffsiteService(s)
+        creds = world.credentials("alice")
+        files = envelope_format.files_of(world.adapter)
+        envelope = envelope_format.make_envelope("j1", "alice", files)
+        caller = Caller("alice", "pin", creds.signing_key.public_key())
+        record = service.begin_submission(
+            caller, envelope, envelope_format.sign_envelope(envelope, creds.signing_key)
+        )
+        data = b"".join((world.adapter / f["name"]).read_bytes() for f in files)
+
+        class _Call:
+            pass
+
+        call = _Call()
+        call.caller = caller
+        committed, decided = service.write_submission(
+            call, iter([WriteMessage(record.submission_id, 0, data, hashlib.sha256(data).hexdigest(), False)])
+        )
+        assert committed == len(data) and decided is None
+        s.storage.mark_received(record.submission_id)  # ... and the process dies before deciding
+    from offsite.server.app import OffsiteServer
+
+    server = OffsiteServer(state, "127.0.0.1", 0)
+    server.start()  # recovery runs before the first call is served
+    server.stop(grace=1)
+    with OwnerState(state) as s:
+        assert s.storage.get_submission(record.submission_id).state == SubmissionState.ACCEPTED
+        assert s.uploads.present() == []
