@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from offsite import crypto
 from offsite.data import CLS, LM, MLM, Example, Record, make_examples, max_positions, read_records
 from offsite.errors import DataError
-from offsite.fileio import check_new_output, staged_directory
+from offsite.fileio import OutputClaim, claim_output
 from offsite.formats.adapter import TENSORS_FILE, write_adapter
 from offsite.formats.bundle import Bundle
 from offsite.models.adapters import AdapterView
@@ -147,9 +147,17 @@ def tune(
     """Fine-tune the adapter of ``bundle_dir`` on ``data``; write ``out`` (adapter, and under DP the receipt).
 
     Every check that can fail (output exists, keys, dataset id, bundle integrity, data, budget)
-    runs before training; nothing is written at ``out`` unless the whole run succeeds.
+    runs before training; nothing is written at ``out`` unless the whole run succeeds. ``out`` is
+    claimed first, so a second run on the same ``out`` fails at once.
     """
-    out = check_new_output(out)
+    with claim_output(out) as claim:
+        return _tune(claim, bundle_dir, data, opts, on_step, on_eval, on_plan, on_total)
+
+
+def _tune(
+    claim: OutputClaim, bundle_dir, data, opts: TuneOptions, on_step, on_eval, on_plan, on_total
+) -> TuneResult:
+    out = claim.path
     opts.validate()
     keys = None
     if opts.dp:
@@ -206,7 +214,7 @@ def tune(
             on_step=on_step,
             on_epoch=on_epoch,
         )
-    with staged_directory(out) as stage:
+    with claim.staged() as stage:
         meta = write_adapter(
             stage,
             adapter_tensors_for_export(inputs.view, inputs.bundle),
