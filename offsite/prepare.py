@@ -83,6 +83,7 @@ def _distill(
     task: Task,
     opts: PrepareOptions,
     on_step: Callable[[int, float], None] | None,
+    fingerprint: str,
 ) -> dict:
     """Distil the emulator's kept middle blocks in place; return what the manifest records."""
     cfg = opts.distill or DistillConfig()
@@ -101,7 +102,9 @@ def _distill(
     )
     eval_set = held_ex or train_ex[:64]
     kd_before, ppl_before = distiller.mean_kd(eval_set), token_perplexity(emulator, eval_set, pad, shift)
-    final_kd = distiller.train(train_ex, on_step=on_step, checkpoint=opts.distill_checkpoint)
+    final_kd = distiller.train(
+        train_ex, on_step=on_step, checkpoint=opts.distill_checkpoint, teacher_fingerprint=fingerprint
+    )
     return {
         "steps": cfg.steps,
         "lr": cfg.lr,
@@ -154,17 +157,20 @@ def prepare(
     stored_dtype = stored_dtype_of(model_dir)
     tokenizer = load_tokenizer(model_dir)
     emulator = build_emulator(model, layer_map)
+    fingerprint = model_fingerprint(model_dir)
 
     distillation = None
     if distilling:
-        distillation = _distill(model, emulator, layer_map, tokenizer, config, task, opts, on_distill_step)
+        distillation = _distill(
+            model, emulator, layer_map, tokenizer, config, task, opts, on_distill_step, fingerprint
+        )
         emulator.to(stored_dtype)
 
     view = AdapterView(emulator, spec, positions_from_layer_map(layer_map))
     view.attach()
     emulator.requires_grad_(False)
     source = {
-        "fingerprint": model_fingerprint(model_dir),
+        "fingerprint": fingerprint,
         "family": arch.family,
         "model_type": config.model_type,
         "model_class": type(model).__name__,
