@@ -21,3 +21,12 @@ def _isolated_state(tmp_path_factory, monkeypatch):
     root = tmp_path_factory.mktemp("state")
     monkeypatch.setenv("OFFSITE_OWNER_DIR", str(root / "owner"))
     monkeypatch.setenv("OFFSITE_CLIENT_DIR", str(root / "client"))
+
+
+@pytest.fixture(scope="session")
+def made(tmp_path_factory):
+    """A real tiny model, its bundle and an untrained adapter (tests/hostile.py), built once; copy
+    before spoiling."""
+    from hostile import build_bundle_and_adapter
+
+    return build_bundle_and_adapter(tmp_path_factory.mktemp("made"))
