@@ -212,7 +212,8 @@ def _remove_tree(path: Path) -> None:
     under a name anything still uses."""
     if not path.exists() and not path.is_symlink():
         return
-    trash = path.with_name(f"{path.name}{_TRASH_INFIX}{secrets.token_hex(4)}")
+    hidden = path.name if path.name.startswith(".") else f".{path.name}"  # swept if a crash leaves it
+    trash = path.with_name(f"{hidden}{_TRASH_INFIX}{secrets.token_hex(4)}")
     os.rename(path, trash)
     shutil.rmtree(trash, ignore_errors=True)
 
@@ -347,10 +348,18 @@ class OutputClaim:
 
 def claim_output(out: str | os.PathLike, overwrite: bool = False) -> OutputClaim:
     """Claim ``out`` before any work: refuse it if it exists (an empty directory is fine), if another
-    run holds it, or if a parent is missing and cannot be made; clean up what dead runs left."""
+    run holds it, or if its directory cannot be written; clean up what dead runs left there."""
     from offsite.errors import OffsiteError
 
-    out = Path(out)
+    try:
+        return _claim(Path(out), overwrite)
+    except OSError as e:  # an unwritable or missing parent, a name too long for its hidden siblings
+        raise OffsiteError(f"cannot write {out}: {e.strerror or e}") from None
+
+
+def _claim(out: Path, overwrite: bool) -> OutputClaim:
+    from offsite.errors import OffsiteError
+
     if not out.name or out.name in (".", ".."):
         raise OffsiteError(f"{out} is not a usable output path")
     if not overwrite:

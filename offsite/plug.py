@@ -52,6 +52,7 @@ def plug(
             expected_tensors={n: e.model_dump(mode="json") for n, e in manifest.adapter.tensors.items()},
             bundle_id=claimed,
             source_fingerprint=fingerprint,
+            expected_spec=manifest.adapter.spec,
         )
         spec = manifest.adapter.spec
         task = Task(manifest.source.task)

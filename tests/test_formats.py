@@ -158,7 +158,10 @@ ADAPTER_META_CASES = [
     (_set(["spec", "layers"], [0, 1, 4]), r"no tensors for adapter layers|not named layers"),
     (_set(["spec"], None), r"adapter\.json\.spec: Input should be an object"),
     (_set(["bundle_id"], 7), r"bundle_id: Input should be a valid string"),
-    (_set(["hyperparameters", "nested"], {"a": 1}), r"hyperparameters\.nested"),
+    (
+        _set(["hyperparameters", "lr"], float("nan")),
+        r"hyperparameters: Value error, holds a non-finite number",
+    ),
     (_set(["format"], "offsite-bundle"), r"format: Input should be 'offsite-adapter'"),
     (lambda doc: "adapter", r"adapter\.json: Input should be an object"),
 ]
@@ -258,14 +261,16 @@ def test_the_writers_refuse_what_the_readers_would_refuse(made, tmp_path):
 
     with Bundle.open(made["bundle"]) as b:
         tensors = load_file(str(made["adapter"] / "adapter.safetensors"))
-        with pytest.raises(FormatError, match=r"adapter metadata being written\.hyperparameters\.data"):
+        with pytest.raises(
+            FormatError, match=r"adapter metadata being written\.hyperparameters: .*non-finite"
+        ):
             write_adapter(
                 tmp_path,
                 tensors,
                 spec=b.spec,
                 bundle_id=b.id,
                 source_fingerprint=b.source_fingerprint,
-                hyperparameters={"data": [1, 2]},
+                hyperparameters={"lr": float("inf")},
             )
 
 
@@ -464,3 +469,20 @@ def test_a_directory_without_a_manifest_or_a_file_is_not_a_bundle(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(FormatError, match="file is not a directory"):
         Bundle.open(tmp_path / "file")
+
+
+def test_an_adapter_whose_spec_is_not_the_bundles_is_a_mismatch(tmp_path):
+    from hostile import build_bundle_and_adapter
+
+    lora = build_bundle_and_adapter(tmp_path, "llama", lora=2)
+    rewrite_adapter_meta(lora["adapter"], _set(["spec", "lora_alpha"], 1000.0))
+    with Bundle.open(lora["bundle"]) as b, pytest.raises(MismatchError, match="is not the bundle's"):
+        read_adapter(
+            lora["adapter"],
+            expected_tensors=b.expected_tensors,
+            bundle_id=b.id,
+            source_fingerprint=b.source_fingerprint,
+            expected_spec=b.spec,
+        )
+    with pytest.raises(MismatchError, match="is not the bundle's"):
+        plug(lora["model"], lora["adapter"], tmp_path / "merged", owner_dir=lora["owner"])

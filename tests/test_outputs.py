@@ -158,6 +158,16 @@ def test_overwrite_replaces_an_existing_output(tmp_path):
     with staged_directory(out, overwrite=True) as stage:
         (stage / "new").write_text("new")
     assert [p.name for p in out.iterdir()] == ["new"]
+    assert [p.name for p in tmp_path.iterdir()] == ["cache"]
+
+
+def test_trash_a_crash_left_is_swept_and_unwritable_outputs_are_clear_errors(tmp_path):
+    (tmp_path / ".cache.offsite-trash-0123abcd" / "deep").mkdir(parents=True)
+    with staged_directory(tmp_path / "other") as stage:
+        (stage / "x").write_text("x")
+    assert [p.name for p in tmp_path.iterdir()] == ["other"]
+    with pytest.raises(OffsiteError, match="cannot write .*: File name too long"):
+        claim_output(tmp_path / ("n" * 250))
 
 
 def test_private_staging_of_a_dead_process_is_swept_and_a_live_one_kept(tmp_path):

@@ -16,7 +16,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from offsite.errors import FormatError, IntegrityError, MismatchError
 from offsite.fileio import PrivateStaging, read_bounded, sha256_bytes, sha256_file, write_bytes_atomic
 from offsite.formats.safetensors_file import load_tensors, load_tensors_bytes
-from offsite.formats.schema import MAX_METADATA_BYTES, Schema, Sha256Hex, dump, parse, validate
+from offsite.formats.schema import MAX_METADATA_BYTES, JsonObject, Schema, Sha256Hex, dump, parse, validate
 from offsite.formats.spec import AdapterSpec, TensorTable, check_spec_and_table, check_tensor_table, table_of
 from offsite.formats.staging import copy_hashing, open_dir, walk_files
 
@@ -47,8 +47,6 @@ META_FILE = "adapter.json"
 #: single machine, and a bound on what a peer can make the receiver copy.
 DEFAULT_MAX_TENSOR_BYTES = 64 << 30
 
-Scalar = str | bool | int | float | None
-
 
 class AdapterHashes(Schema):
     adapter_safetensors: Sha256Hex = Field(
@@ -68,11 +66,8 @@ class AdapterMeta(Schema):
         description="name → `shape`, `dtype` of every tensor in `adapter.safetensors`"
     )
     sha256: AdapterHashes = Field(description="file name → sha256 (one entry: `adapter.safetensors`)")
-    hyperparameters: Annotated[dict[Annotated[str, Field(max_length=64)], Scalar], Field(max_length=64)] = (
-        Field(
-            description="the training settings, a flat object of scalars (epochs, lr, DP settings, ...); "
-            "informational, nothing derived from the data"
-        )
+    hyperparameters: JsonObject = Field(
+        description="the training settings (epochs, lr, DP settings, ...); informational, nothing derived from the data"
     )
 
     @model_validator(mode="after")
@@ -147,11 +142,16 @@ def _check_claims(
     expected_tensors: Mapping[str, dict],
     bundle_id: str,
     source_fingerprint: str,
+    expected_spec: AdapterSpec | None,
 ) -> None:
     if meta.bundle_id != bundle_id:
         raise MismatchError(f"adapter {where} was trained on bundle {meta.bundle_id}, not {bundle_id}")
     if meta.source_fingerprint != source_fingerprint:
         raise MismatchError(f"adapter {where} belongs to a different model (fingerprint mismatch)")
+    if expected_spec is not None and meta.spec != expected_spec:
+        raise MismatchError(
+            f"adapter {where}: its spec {meta.spec.to_json()} is not the bundle's {expected_spec.to_json()}"
+        )
     check_tensor_table(meta.tensors, expected_tensors, f"{where}/{META_FILE}")
 
 
@@ -175,12 +175,13 @@ def read_adapter(
     expected_tensors: Mapping[str, dict],
     bundle_id: str,
     source_fingerprint: str,
+    expected_spec: AdapterSpec | None = None,
     max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES,
 ) -> Adapter:
     """Validate and load an adapter directory received from a data owner.
 
     Order matters: the directory holds only regular files; metadata (read once, at most 1 MiB);
-    identity (bundle, model); tensor table; the tensor file's sha256 (computed while copying it
+    identity (bundle, model); the spec, if ``expected_spec`` is given (the bundle's); tensor table; the tensor file's sha256 (computed while copying it
     to a private directory, at most ``max_tensor_bytes``); its header (names, shapes, dtypes,
     layout); and only then the tensor data, which must be finite.
     """
@@ -193,7 +194,7 @@ def read_adapter(
         meta = parse_adapter_meta(
             read_bounded(META_FILE, str(meta_path), MAX_METADATA_BYTES, dir_fd=root), str(meta_path)
         )
-        _check_claims(meta, str(path), expected_tensors, bundle_id, source_fingerprint)
+        _check_claims(meta, str(path), expected_tensors, bundle_id, source_fingerprint, expected_spec)
         with PrivateStaging("adapter") as staging:
             copy = staging.path / TENSORS_FILE
             actual = copy_hashing(root, TENSORS_FILE, copy, str(path / TENSORS_FILE), max_tensor_bytes)
@@ -216,6 +217,7 @@ def read_adapter_bytes(
     expected_tensors: Mapping[str, dict],
     bundle_id: str,
     source_fingerprint: str,
+    expected_spec: AdapterSpec | None = None,
     where: str = "adapter",
 ) -> Adapter:
     """``read_adapter`` for the two files' bytes in memory (for example as received): the bytes
@@ -223,7 +225,7 @@ def read_adapter_bytes(
     if len(tensor_bytes) > DEFAULT_MAX_TENSOR_BYTES:
         raise FormatError(f"{where}/{TENSORS_FILE}: larger than {DEFAULT_MAX_TENSOR_BYTES} bytes")
     meta = parse_adapter_meta(meta_bytes, f"{where}/{META_FILE}")
-    _check_claims(meta, where, expected_tensors, bundle_id, source_fingerprint)
+    _check_claims(meta, where, expected_tensors, bundle_id, source_fingerprint, expected_spec)
     actual = sha256_bytes(tensor_bytes)
     declared = meta.sha256.adapter_safetensors
     if declared != actual:

@@ -39,7 +39,9 @@ class Source(Schema):
         description="classes of a `seq-cls` model (at least 2), else null"
     )
     total_layers: Annotated[int, Field(ge=1, le=MAX_LAYERS)] = Field(description="blocks in the full model")
-    dtype: Literal["float32", "float16", "bfloat16"] = Field(description="the checkpoint's stored dtype")
+    dtype: Literal["float64", "float32", "float16", "bfloat16"] = Field(
+        description="the checkpoint's stored dtype"
+    )
     config: JsonObject = Field(description="the full model's config (without its local path)")
 
     @model_validator(mode="after")
