@@ -236,13 +236,18 @@ def sweep_stale_outputs(parent: Path) -> list[str]:
         if not (name.startswith(".") and name.endswith(_LOCK_SUFFIX)):
             continue
         out_name = name[1 : -len(_LOCK_SUFFIX)]
-        fd = _try_lock(parent / name, create=False)
+        try:
+            fd = _try_lock(parent / name, create=False)
+        except OSError:  # not a lock file of ours (a symlink, say): not ours to judge
+            continue
         if fd is None:
             continue  # a live run
         try:
             _remove_tree(parent / f".{out_name}{_PARTIAL_SUFFIX}")
             os.unlink(parent / name)
             cleaned.append(out_name)
+        except OSError:
+            pass  # left for a later sweep; it must not stop this claim
         finally:
             os.close(fd)
     return cleaned

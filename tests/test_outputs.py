@@ -163,9 +163,10 @@ def test_overwrite_replaces_an_existing_output(tmp_path):
 
 def test_trash_a_crash_left_is_swept_and_unwritable_outputs_are_clear_errors(tmp_path):
     (tmp_path / ".cache.offsite-trash-0123abcd" / "deep").mkdir(parents=True)
+    (tmp_path / ".evil.offsite-lock").symlink_to("/nonexistent")  # not ours: skipped, not fatal
     with staged_directory(tmp_path / "other") as stage:
         (stage / "x").write_text("x")
-    assert [p.name for p in tmp_path.iterdir()] == ["other"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".evil.offsite-lock", "other"]
     with pytest.raises(OffsiteError, match="cannot write .*: File name too long"):
         claim_output(tmp_path / ("n" * 250))
 

@@ -130,10 +130,10 @@ class Bundle:
         try:
             try:
                 data = read_bounded(MANIFEST, f"{path / MANIFEST}", MAX_METADATA_BYTES, dir_fd=root)
-            except FormatError as e:
+            except FormatError:
                 if not os.path.lexists(path / MANIFEST):
                     raise FormatError(f"{path} is not a bundle (no {MANIFEST})") from None
-                raise e
+                raise
             bundle_id = sha256_bytes(data)
             if check_manifest is not None:
                 check_manifest(data, bundle_id)
