@@ -21,7 +21,6 @@ import secrets
 import shutil
 import stat
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -414,88 +413,3 @@ def _umask() -> int:
             if line.startswith("Umask:"):
                 return int(line.split()[1], 8)
     return 0o022
-
-
-# -- private staging of untrusted input ----------------------------------------------------------------
-_STAGING_PREFIX = "offsite-staging-"
-#: A staging directory younger than this is never swept, whoever holds it: it may be between its
-#: creation and its lock.
-_STAGING_GRACE_SECONDS = 60.0
-_last_sweep: float | None = None
-
-
-class PrivateStaging:
-    """A private (0700) directory for copies of untrusted files, under ``root`` (default: the
-    temporary directory, ``$TMPDIR``).
-
-    Locked for as long as it is open; ``close`` (or the end of the process) removes it. One a dead
-    process left behind is removed by the next ``PrivateStaging`` that finds it.
-    """
-
-    def __init__(self, purpose: str, root: str | os.PathLike | None = None):
-        global _last_sweep
-        if (
-            _last_sweep is None or time.monotonic() - _last_sweep > _STAGING_GRACE_SECONDS
-        ):  # once a minute is plenty
-            _last_sweep = time.monotonic()
-            sweep_stale_staging(root)
-        self.path = Path(tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{purpose}-", dir=root))
-        self._fd: int | None = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        import weakref
-
-        self._finalizer = weakref.finalize(self, _close_staging, self.path, self._fd)
-
-    def close(self) -> None:
-        self._finalizer()
-
-    def __enter__(self) -> PrivateStaging:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def _close_staging(path: Path, fd: int) -> None:
-    shutil.rmtree(path, ignore_errors=True)
-    with contextlib.suppress(OSError):
-        os.close(fd)
-
-
-def sweep_stale_staging(root: Path | None = None) -> int:
-    """Remove this user's staging directories whose process is gone; return how many."""
-    root = Path(root or tempfile.gettempdir())
-    removed = 0
-    try:
-        entries = list(os.scandir(root))
-    except OSError:
-        return 0
-    now = time.time()
-    for entry in entries:
-        if not entry.name.startswith(_STAGING_PREFIX):
-            continue
-        try:
-            st = entry.stat(follow_symlinks=False)
-        except OSError:
-            continue
-        if (
-            not stat.S_ISDIR(st.st_mode)
-            or st.st_uid != os.geteuid()
-            or now - st.st_mtime < _STAGING_GRACE_SECONDS
-        ):
-            continue
-        try:
-            fd = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            continue
-        try:
-            shutil.rmtree(entry.path, ignore_errors=True)
-            removed += 1
-        finally:
-            os.close(fd)
-    return removed

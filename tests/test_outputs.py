@@ -16,8 +16,9 @@ import pytest
 from tiny import make_tiny_checkpoint
 
 from offsite.errors import OffsiteError
-from offsite.fileio import PrivateStaging, claim_output, staged_directory, sweep_stale_staging
+from offsite.fileio import claim_output, staged_directory
 from offsite.formats.bundle import Bundle
+from offsite.formats.staging import PrivateStaging, sweep_stale_staging
 
 OFFSITE = Path(sys.executable).with_name("offsite")
 
@@ -172,7 +173,7 @@ def test_trash_a_crash_left_is_swept_and_unwritable_outputs_are_clear_errors(tmp
 
 
 def test_private_staging_of_a_dead_process_is_swept_and_a_live_one_kept(tmp_path):
-    code = "from offsite.fileio import PrivateStaging; import os; s = PrivateStaging('t'); print(s.path, flush=True); os.kill(os.getpid(), 9)"
+    code = "from offsite.formats.staging import PrivateStaging; import os; s = PrivateStaging('t'); print(s.path, flush=True); os.kill(os.getpid(), 9)"
     p = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,

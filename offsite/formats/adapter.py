@@ -23,11 +23,11 @@ from pydantic import Field, model_validator
 from safetensors.torch import save_file
 
 from offsite.errors import FormatError, IntegrityError, MismatchError
-from offsite.fileio import PrivateStaging, read_bounded, sha256_bytes, sha256_file, write_bytes_atomic
+from offsite.fileio import read_bounded, sha256_bytes, sha256_file, write_bytes_atomic
 from offsite.formats.safetensors_file import load_tensors, load_tensors_bytes
 from offsite.formats.schema import MAX_METADATA_BYTES, JsonObject, Schema, Sha256Hex, dump, parse, validate
 from offsite.formats.spec import AdapterSpec, TensorTable, check_spec_and_table, check_tensor_table, table_of
-from offsite.formats.staging import copy_hashing, open_dir, walk_files
+from offsite.formats.staging import PrivateStaging, copy_hashing, open_dir, walk_files
 
 __all__ = [
     "FORMAT",

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from offsite.errors import FormatError, IntegrityError
-from offsite.fileio import PrivateStaging, read_bounded, sha256_bytes, sha256_file, write_bytes_atomic
+from offsite.fileio import read_bounded, sha256_bytes, sha256_file, write_bytes_atomic
 from offsite.formats.manifest import (
     EMULATOR_DIR,
     FORMAT,
@@ -39,7 +39,7 @@ from offsite.formats.manifest import (
 from offsite.formats.safetensors_file import load_tensors, read_header
 from offsite.formats.schema import MAX_METADATA_BYTES, dump, validate
 from offsite.formats.spec import AdapterSpec, table_of
-from offsite.formats.staging import copy_hashing, open_dir, walk_files
+from offsite.formats.staging import PrivateStaging, copy_hashing, open_dir, walk_files
 from offsite.models.adapters import AdapterView, positions_from_layer_map
 from offsite.models.registry import Task
 
