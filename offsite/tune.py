@@ -27,9 +27,9 @@ from offsite.formats.bundle import Bundle
 from offsite.models.adapters import AdapterView
 from offsite.models.loading import parse_dtype
 from offsite.models.registry import Task
-from offsite.privacy import history
+from offsite.privacy import accounting, history
 from offsite.privacy.fingerprint import dataset_fingerprint
-from offsite.privacy.receipt import build_receipt, write_receipt
+from offsite.privacy.receipt import build_receipt, first_run_budget, write_receipt
 from offsite.training.dp import DPPlan, DPTrainState, make_plan, train_dp
 from offsite.training.finetune import TrainConfig, mean_loss, train
 
@@ -190,6 +190,7 @@ def tune(
                 "sample_rate": plan.sample_rate,
                 "steps": plan.steps,
                 "delta": plan.delta,
+                "size_bucket": plan.size_bucket,
             }
         )
     else:
@@ -216,18 +217,28 @@ def tune(
             hyperparameters=hyper,
         )
         if opts.dp:
+            plan = result.plan
+            cumulative = history.load_history(opts.dataset_id, opts.budget_dir)
+            # Until budgets are kept per dataset, the budget is this run's own: --epsilon at its δ, or,
+            # with only --noise-multiplier, what the dataset has spent with this run.
+            budget_eps = (
+                opts.epsilon if opts.epsilon is not None else accounting.epsilon_prv(cumulative, plan.delta)
+            )
             receipt = build_receipt(
-                run_history=[result.plan.entry(result.plan.steps)],
-                cumulative_history=history.load_history(opts.dataset_id, opts.budget_dir),
-                delta=result.plan.delta,
-                max_grad_norm=result.plan.max_grad_norm,
+                run_history=[plan.entry(plan.steps)],
+                cumulative_history=cumulative,
+                delta=plan.delta,
+                max_grad_norm=plan.max_grad_norm,
+                size_bucket=plan.size_bucket,
+                nominal_batch=plan.nominal_batch,
+                budget=first_run_budget(budget_eps, plan.delta),
                 dataset_id=opts.dataset_id,
                 dataset_fingerprint=fingerprint,
                 adapter_sha256=meta["sha256"][TENSORS_FILE],
                 bundle_id=inputs.bundle.id,
                 signer_public_key=keys.private_key.public_key(),
                 run_id=result.run_id,
-                noise_seed=opts.noise_seed,
+                noise_seeded=opts.noise_seed is not None,
             )
             write_receipt(stage, receipt, keys.private_key)
             result.receipt = receipt

@@ -25,9 +25,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("bundle", type=Path, help="bundle directory from the model owner")
     p.add_argument("--data", type=Path, required=True, help="training records (JSONL, CSV or text)")
     p.add_argument("--out", type=Path, required=True, help="adapter directory to create")
-    p.add_argument("--epochs", type=int, default=3, help="passes over the data (default 3)")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=3,
+        help="passes over the data (default 3); under DP the expected passes: steps = ⌈epochs / q⌉",
+    )
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
-    p.add_argument("--batch-size", type=int, default=16, help="batch size (default 16)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=16,
+        help="batch size (default 16). Under DP the nominal batch B: each record joins each step's batch "
+        "with probability q = B / bucket (bucket: the power of two at or above the number of records), so "
+        "batches hold q·N records on average, between B/2 and B",
+    )
     p.add_argument("--seed", type=int, default=0, help="data order, initialisation and dropout")
     p.add_argument("--eval-data", type=Path, default=None, help="records for the per-epoch eval loss")
     p.add_argument(
@@ -64,7 +76,10 @@ def add_dp_arguments(p: argparse.ArgumentParser) -> None:
         "DP-SGD: Poisson sampling, per-sample clipping and Gaussian noise. One record is the unit "
         "protected. --epsilon is the TOTAL budget of --dataset-id at δ: earlier runs on the same dataset "
         "(recorded on this machine) are composed with this one, and σ is the smallest noise that stays "
-        "within it. Sampling and noise use the operating system's randomness, never --seed.",
+        "within it. q, the number of steps and the default δ follow from the flags and the size bucket "
+        "(the power of two at or above the number of records), which the receipt publishes instead of the "
+        "number of records. Sampling and noise come from a ChaCha20 stream keyed from os.urandom (a new "
+        "key per run, never stored), never from --seed.",
     )
     g.add_argument("--dataset-id", help="name of the private dataset whose budget this run spends")
     g.add_argument("--epsilon", type=float, default=None, help="total ε budget for --dataset-id")
@@ -72,7 +87,8 @@ def add_dp_arguments(p: argparse.ArgumentParser) -> None:
         "--delta",
         type=float,
         default=None,
-        help="δ (default: a power of ten at most 1/(10·N) for N records; δ ≥ 1/N is refused)",
+        help="δ (default: a power of ten at most 1/(10·bucket), so below 1/(10·N) for N records; "
+        "δ ≥ 1/N is refused)",
     )
     g.add_argument(
         "--noise-multiplier",
@@ -142,7 +158,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     def on_plan(plan) -> None:
         err_console.print(
-            f"DP plan: σ={plan.noise_multiplier:.4f}, q={plan.sample_rate:.4g}, "
+            f"DP plan: σ={plan.noise_multiplier:.4f}, q={plan.sample_rate:.4g} "
+            f"(= {plan.nominal_batch}/{plan.size_bucket}, size bucket {plan.size_bucket}), "
             f"steps={plan.steps}, C={plan.max_grad_norm:g}, δ={plan.delta:g}"
         )
         if plan.noise_multiplier > 10:
