@@ -328,6 +328,35 @@ def test_bad_field_is_rejected_by_name(adapter, mutate, field):
     assert field in str(info.value)
 
 
+def test_a_signed_receipt_that_is_not_canonical_is_refused(adapter, keys):
+    # A duplicated key is resolved differently by different JSON readers: what was signed must have
+    # one reading. So must padding and reordering, which canonical writing never produces.
+    priv, pub, _ = keys
+    data = (adapter / RECEIPT_FILE).read_bytes()
+    variants = [
+        data.replace(b'\n  "delta": 1e-05,', b'\n  "delta": 0.5,\n  "delta": 1e-05,'),
+        data.replace(b'"delta": 1e-05', b'"delta":  1e-05'),
+        data + b"\n",
+        json.dumps(dict(reversed(json.loads(data).items())), indent=2).encode() + b"\n",  # unsorted
+    ]
+    for variant in variants:
+        assert variant != data
+        (adapter / RECEIPT_FILE).write_bytes(variant)
+        (adapter / SIGNATURE_FILE).write_bytes(crypto.encode_signature(crypto.sign(priv, variant)))
+        with pytest.raises(FormatError, match="canonical"):
+            verify_receipt(adapter, pub)
+
+
+def test_a_tiny_eps_error_cannot_stall_the_audit(adapter, keys):
+    # eps_error sets PRV's grid spacing: 1e-9 would ask for ~10^9 points. It is refused, not computed.
+    priv, pub, _ = keys
+    doc = _doc(adapter)
+    doc["epsilon"]["cumulative"]["prv_eps_error"] = 1e-9
+    _resign(adapter, doc, priv)
+    check = verify_receipt(adapter, pub).check("ε cumulative (PRV upper)")
+    assert check.status == "fail" and "grid points" in check.detail
+
+
 def test_receipt_must_cover_run_in_cumulative(keys, tmp_path):
     _, pub, paths = keys
     adir = _adapter_dir(tmp_path)
@@ -415,9 +444,9 @@ def test_version_1_receipts_are_still_read(tmp_path, capsys):
     report = verify_receipt(v1, key)
     assert report.format_version == 1 and report.ok, report.to_dict()
     assert report.check("noise source").status == "unverified"
-    assert [c.name for c in report.checks] == [
-        n for n in V2_CHECKS if n not in ("sampling rate on the grid", "δ below 1/N", "budget")
-    ]
+    assert [c.name for c in report.checks] == [n for n in V2_CHECKS if n != "δ below 1/N"]
+    unverified = {c.name for c in report.checks if c.status == "unverified"}
+    assert unverified == {"noise source", "sampling rate on the grid", "budget"}
     assert _audit(v1 / RECEIPT_FILE, "--adapter", v1, "--pubkey", v1 / "signing_key.pub.pem") == 0
     assert "format version 1" in capsys.readouterr().out
     assert _audit(v1 / RECEIPT_FILE, "--adapter", v1, "--json") == 0
@@ -506,3 +535,18 @@ def test_cli_audit_errors_are_json_in_json_mode(adapter, tmp_path, capsys):
     (adapter / RECEIPT_FILE).write_text("{not json")
     with pytest.raises(FormatError):
         _audit(adapter / RECEIPT_FILE, "--adapter", adapter)
+
+
+def test_docs_receipt_table_lists_exactly_the_schema_fields():
+    import re
+
+    from offsite.privacy.receipt_schema import ReceiptV2
+
+    docs = (Path(__file__).parents[1] / "docs" / "formats.md").read_text()
+    section = docs[docs.index("## Privacy receipt") :]
+    table = section[: section.index("\nLimits:")]
+    documented = set()
+    for line in table.splitlines():
+        if line.startswith("| `"):
+            documented |= set(re.findall(r"`([a-z0-9_]+)`", line.split("|")[1]))
+    assert documented == set(ReceiptV2.model_fields)

@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=16,
         help="batch size (default 16). Under DP the nominal batch B: each record joins each step's batch "
         "with probability q = B / bucket (bucket: the power of two at or above the number of records), so "
-        "batches hold q·N records on average, between B/2 and B",
+        "batches hold q·N records on average, between B/2 and B; the noisy gradient sum is divided by B",
     )
     p.add_argument("--seed", type=int, default=0, help="data order, initialisation and dropout")
     p.add_argument("--eval-data", type=Path, default=None, help="records for the per-epoch eval loss")

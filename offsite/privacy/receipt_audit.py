@@ -185,6 +185,14 @@ def verify_receipt(
     if version >= 2:
         report.checks.append(_sampling_grid(receipt))
         report.checks.append(_delta_vs_bucket(receipt))
+    else:
+        report.checks.append(
+            Check(
+                "sampling rate on the grid",
+                UNVERIFIED,
+                detail="format version 1 publishes q = batch size / N, from which the dataset size follows",
+            )
+        )
     reason = uncovered(receipt["run_history"], receipt["cumulative_history"])
     report.checks.append(
         Check(
@@ -196,6 +204,10 @@ def verify_receipt(
     cumulative_prv = _recompute_epsilons(report, receipt)
     if version >= 2:
         report.checks.append(_budget(receipt, cumulative_prv))
+    else:
+        report.checks.append(
+            Check("budget", UNVERIFIED, detail="format version 1 does not record the dataset's budget")
+        )
     return report
 
 

@@ -23,7 +23,8 @@ Version 1 (read for audits of older receipts) has ``noise_seed`` (null or an int
 ``noise_source``, and no ``size_bucket``, ``nominal_batch`` or ``budget``.
 
 ``parse_receipt`` is the one reader of receipt bytes: size-bounded, version dispatched, every field
-checked, every failure a ``FormatError`` naming the field.
+checked, the bytes required to be canonical (so no two JSON readers can disagree on what was signed),
+every failure a ``FormatError`` naming the field.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from pydantic import AfterValidator, ConfigDict, Field, StringConstraints, model
 
 from offsite import crypto
 from offsite.errors import FormatError, OffsiteError
+from offsite.fileio import canonical_json
 from offsite.formats.schema import MAX_METADATA_BYTES, Schema, parse, validate
 from offsite.privacy import accounting
 from offsite.privacy.fingerprint import FINGERPRINT_SCHEME
@@ -218,6 +220,13 @@ def parse_receipt(data: bytes, what: str = "receipt") -> tuple[int, dict[str, An
     """Validate receipt bytes (untrusted): ``(format_version, document)``; FormatError names the field."""
     envelope = parse(_Envelope, data, what, max_bytes=MAX_RECEIPT_BYTES)
     receipt = parse(MODELS[envelope.format_version], data, what, max_bytes=MAX_RECEIPT_BYTES)
+    # Receipts are written canonical; anything else (a duplicated key that another JSON reader would
+    # resolve differently, reordered or padded fields) was edited or made by something else.
+    if canonical_json(json.loads(data)) != data:
+        raise FormatError(
+            f"{what}: not in canonical form (sorted keys, 2-space indent, one trailing newline, no "
+            "duplicate keys): it was edited or not written by offsite"
+        )
     # The document is what was validated (fields as given, numbers as parsed), not a second parse.
     return envelope.format_version, receipt.model_dump(mode="json", exclude_unset=True)
 
