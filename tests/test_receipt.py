@@ -525,7 +525,10 @@ def test_cli_audit_errors_are_json_in_json_mode(adapter, tmp_path, capsys):
         ("{not json", []),  # unparseable receipt
         (None, ["--pubkey", tmp_path / "bad.pem"]),  # unreadable public key
         (None, ["--pubkey", tmp_path / "missing.pem"]),
+        (None, ["--pubkey", tmp_path]),  # a directory
+        (None, ["--pubkey", tmp_path / "fifo.pem"]),  # a FIFO: refused, never waited on
     ]
+    os.mkfifo(tmp_path / "fifo.pem")
     for content, extra in cases:
         if content is not None:
             (adapter / RECEIPT_FILE).write_text(content)

@@ -58,12 +58,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_audit_receipt(args: argparse.Namespace) -> int:
     from offsite import crypto
-    from offsite.errors import OffsiteError
+    from offsite.errors import FormatError, OffsiteError
     from offsite.privacy.receipt_audit import verify_receipt
 
     try:
-        public_key = crypto.load_public_key(args.pubkey) if args.pubkey is not None else None
-        report = verify_receipt(args.adapter, public_key=public_key, receipt_path=args.receipt)
+        try:
+            public_key = None
+            if args.pubkey is not None:
+                if not args.pubkey.is_file():  # a FIFO would block the read, a directory would crash it
+                    raise FormatError(f"public key {args.pubkey} does not exist or is not a regular file")
+                public_key = crypto.load_public_key(args.pubkey)
+            report = verify_receipt(args.adapter, public_key=public_key, receipt_path=args.receipt)
+        except OSError as e:  # an unreadable file: a clear error, not a traceback
+            raise FormatError(f"cannot read {e.filename or 'a file'}: {e.strerror or e}") from e
     except OffsiteError as e:
         if args.json:
             # Keep stdout machine-readable even when the receipt cannot be read or parsed at all.

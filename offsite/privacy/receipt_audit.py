@@ -110,6 +110,8 @@ def read_bounded(path: Path, limit: int, what: str) -> bytes:
             raise FormatError(f"{what} {path}: not a regular file")
         with os.fdopen(fd, "rb", closefd=False) as f:
             data = f.read(limit + 1)
+    except OSError as e:
+        raise FormatError(f"{what} {path}: cannot be read ({e.strerror or e})") from e
     finally:
         os.close(fd)
     if len(data) > limit:
@@ -240,7 +242,10 @@ def _adapter_hash(adapter_dir: Path, receipt: dict[str, Any]) -> Check:
     stated = receipt["adapter_sha256"][:16] + "…"
     if not adapter.is_file():
         return Check("adapter hash", FAIL, stated, "", f"{adapter} does not exist or is not a file")
-    actual = sha256_file(adapter)
+    try:
+        actual = sha256_file(adapter)
+    except OSError as e:
+        return Check("adapter hash", FAIL, stated, "", f"{adapter} cannot be read ({e.strerror or e})")
     same = actual == receipt["adapter_sha256"]
     return Check(
         "adapter hash",

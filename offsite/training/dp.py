@@ -102,7 +102,8 @@ def make_plan(
     if not 0 < delta < 1 / n_records:
         raise BudgetError(
             f"δ={delta:g} is not below 1/N for this dataset; δ ≥ 1/N permits releasing a record "
-            "outright. Use a smaller --delta (the default is at most 1/(10·N))."
+            "outright. Use a smaller --delta (the default is at most 1/(10·N): a power of ten at most "
+            "1/(10·size bucket))."
         )
     q = batch_size / bucket
     steps = -(-epochs * bucket // batch_size)  # ⌈epochs / q⌉ in exact integer arithmetic
