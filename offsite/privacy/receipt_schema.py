@@ -42,6 +42,7 @@ from offsite.formats.schema import MAX_METADATA_BYTES, Schema, parse, validate
 from offsite.privacy import accounting
 from offsite.privacy.fingerprint import FINGERPRINT_SCHEME
 from offsite.privacy.history import validate_dataset_id, validate_run_id
+from offsite.training.noise import GENERATOR as NOISE_GENERATOR
 
 FORMAT = "offsite-receipt"
 FORMAT_VERSION = 2
@@ -58,8 +59,6 @@ MAX_EPS_ERROR = 0.5
 #: No phase may claim more steps than this (the accountants bound their own work too).
 MAX_STEPS = 10**9
 
-#: The noise generator this offsite uses (``offsite.training.noise``).
-NOISE_GENERATOR = "chacha20-box-muller"
 BUDGET_CHANGES = ("first-run", "set-budget")
 
 
