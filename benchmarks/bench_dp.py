@@ -7,22 +7,28 @@
 For every family (gpt2, opt, llama, bloom, bert) and adapter kind (whole blocks, LoRA
 rank 8) on a randomly initialised 12-block model (width 256, sequence 128, adapter blocks
 0, 1, 10, 11 of the full model, ``AdapterView(..., identity_positions(12)).attach()``)
-three training steps are compared at a logical batch of 32 and of 256:
+training steps are compared at a logical batch of 32 and of 256:
 
 * ``plain`` - no DP: per-sample loss -> mean -> backward -> AdamW. At 256 the logical
   batch is accumulated over physical batches of 32 (so memory is comparable).
-* ``ours``  - the project's DP step: ``PerSampleClipper`` (fast mode, mixed ghost /
-  materialised norms + book-keeping) over physical batches of at most 32, then
-  ``make_dp_optimizer`` (Opacus' ``DPOptimizerFastGradientClipping``: Gaussian noise,
-  division by the expected batch size) and AdamW; the loop of ``train_dp`` with a fixed
-  batch instead of Poisson sampling.
+* ``ours``  - the project's DP step, the loop of ``train_dp`` with a fixed batch instead
+  of Poisson sampling: ``PerSampleClipper`` (fast mode, mixed ghost / materialised norms
+  + book-keeping) over physical batches of at most 32, then ``add_noise_and_scale``
+  (Gaussian noise from the ChaCha20 stream of ``offsite.training.noise``, drawn one step
+  ahead in a background thread by ``StepNoise``, and division by the nominal batch) and
+  AdamW.
+* ``ours-inline`` - the same with the noise drawn when the step asks for it
+  (``StepNoise(background=False)``): what the overlap saves.
 * ``opacus`` - Opacus' own hooks mode (``GradSampleModule`` + ``DPOptimizer``,
   per-layer grad samplers with the functorch fallback for layers without one, such as
   GPT-2's ``Conv1D`` or LLaMA's RMSNorm), physical batches of 32 accumulated with
   ``signal_skip_step`` as Opacus' ``BatchMemoryManager`` does. Where it fails the table
   says so (OPT: Opacus' samplers cannot stack OPT's flattened activations).
 
-Every (family, kind, variant, batch) runs in its own fresh subprocess; the three
+A second table gives the noise's cost: the time to draw one step's normals, and the time
+the step spends waiting for (inline: drawing) and adding them, as a share of the step.
+
+Every (family, kind, variant, batch) runs in its own fresh subprocess; the
 variants of a cell run back to back in a rotating order, so load drift on the machine
 hits them alike. Reported: the median wall time per logical step, the median CPU time
 (``time.process_time``, less sensitive to other jobs), and training-time memory growth:
@@ -52,7 +58,7 @@ from memory import peak_kib, reset_peak, rss_kib, trim
 
 FAMILIES = ("gpt2", "opt", "llama", "bloom", "bert")
 KINDS = ("blocks", "lora")
-VARIANTS = ("plain", "ours", "opacus")
+VARIANTS = ("plain", "ours", "ours-inline", "opacus")
 
 
 @dataclass(frozen=True)
@@ -170,8 +176,9 @@ def worker(
     from torch.utils.flop_counter import FlopCounterMode
 
     from offsite.models.adapters import BLOCKS, LORA, AdapterSpec, AdapterView, identity_positions
-    from offsite.training.dp import DPPlan, make_dp_optimizer
+    from offsite.training.dp import add_noise_and_scale
     from offsite.training.losses import per_sample_loss
+    from offsite.training.noise import ChaChaStream, StepNoise
     from offsite.training.per_sample import PerSampleClipper
 
     trim()
@@ -205,20 +212,20 @@ def worker(
                 loss.backward()
             optimizer.step()
 
-    elif variant == "ours":
-        plan = DPPlan(
-            noise_multiplier=sigma,
-            sample_rate=0.01,
-            steps=1000,
-            delta=1e-6,
-            max_grad_norm=C,
-            expected_batch_size=logical,
+    elif variant in ("ours", "ours-inline"):
+        # The train_dp step on a fixed batch: noise from the ChaCha20 stream, drawn a step ahead in
+        # the background ("ours") or when the step asks for it ("ours-inline").
+        noise = StepNoise(
+            ChaChaStream.from_os(), sum(p.numel() for p in params), 10**9, background=variant == "ours"
         )
-        dp_optimizer = make_dp_optimizer(optimizer, plan, torch.Generator().manual_seed(3))
         clipper = PerSampleClipper(model, C).attach()
+        counter = iter(range(1, 10**9))
+        info.update(noise_size=noise.size, noise_exposed=[])
 
         def step(chunks):
-            dp_optimizer.zero_grad(set_to_none=True)
+            t = next(counter)
+            noise.prefetch(t)  # a no-op when get(t - 1) already started it
+            optimizer.zero_grad(set_to_none=True)
             extra = 0
             for pb in chunks:
                 clipper.step(
@@ -229,7 +236,12 @@ def worker(
             info["kinds"] = {
                 k: sum(c.kind == k for c in clipper.last_costs) for k in ("ghost", "materialise", "generic")
             }
-            dp_optimizer.step()
+            t0 = time.perf_counter()
+            add_noise_and_scale(params, noise.get(t), sigma * C, logical)
+            exposed = time.perf_counter() - t0  # waiting for (or drawing) the noise, and adding it
+            optimizer.step()
+            info["noise_gen"] = noise.generate_seconds / noise.fills  # mean time to draw one step's noise
+            info["noise_exposed"].append(exposed)
 
     else:
         from opacus import GradSampleModule
@@ -392,6 +404,12 @@ def main() -> None:
             "mem": statistics.median(r["growth_mib"] for r in runs),
             "flops": next((r["step_flops"] for r in runs if "step_flops" in r), None),
             "norm": next((r["norm_flops"] for r in runs if "norm_flops" in r), None),
+            "noise_size": next((r["noise_size"] for r in runs if "noise_size" in r), None),
+            "noise_gen": statistics.median(r["noise_gen"] for r in runs) if "noise_gen" in runs[0] else None,
+            # the warm-up step is the first entry
+            "noise_exposed": statistics.median(e for r in runs for e in r["noise_exposed"][1:])
+            if "noise_exposed" in runs[0]
+            else None,
         }, None
 
     header = (
@@ -424,7 +442,38 @@ def main() -> None:
         print(f"| {f} | {k} | {b} | {p['t']:.2f}" if p else f"| {f} | {k} | {b} | -", end="")
         print(f" | {p['mem']:.0f}" if p else " | -", end="")
         print(f" | {fmt_ratio(floor)} | {ot} | {om} | {ht} | {hm} |")
+    if {"ours", "ours-inline"} <= set(args.variants):
+        print_noise_table(agg, batches, args.families, args.kinds)
     print(f"\ntotal {time.time() - t_start:.0f}s")
+
+
+def print_noise_table(agg, batches, families, kinds) -> None:
+    """What the cryptographic noise costs a DP step: drawing it, and what the step waits for it.
+
+    ``draw`` is the mean time to draw one step's normals (ChaCha20 + Box-Muller); ``exposed`` is the
+    time the step spends in ``add_noise_and_scale`` (waiting for the noise, drawing it when inline,
+    adding it). Overlapped ("ours"): drawn in the background during the previous step's optimizer
+    step and this step's forward/backward; inline ("ours-inline"): drawn when the step asks for it.
+    """
+    print()
+    print(
+        "| family | adapter | B | normals/step | step s (overlapped) | draw ms | draw / step "
+        "| exposed ms, overlapped | exposed / step | exposed ms, inline | exposed / step, inline "
+        "| step inline / overlapped |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for f, k, b in [(f, k, b) for b in batches for f in families for k in kinds]:
+        o, _ = agg(f, k, "ours", b)
+        i, _ = agg(f, k, "ours-inline", b)
+        if o is None or i is None or o["noise_gen"] is None:
+            print(f"| {f} | {k} | {b} | - | - | - | - | - | - | - | - | - |")
+            continue
+        print(
+            f"| {f} | {k} | {b} | {o['noise_size'] / 1e6:.2f} M | {o['t']:.2f} | {1e3 * o['noise_gen']:.1f} "
+            f"| {100 * o['noise_gen'] / o['t']:.2f} % | {1e3 * o['noise_exposed']:.1f} "
+            f"| {100 * o['noise_exposed'] / o['t']:.2f} % | {1e3 * i['noise_exposed']:.1f} "
+            f"| {100 * i['noise_exposed'] / i['t']:.2f} % | {i['t'] / o['t']:.3f}× |"
+        )
 
 
 if __name__ == "__main__":

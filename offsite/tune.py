@@ -340,6 +340,7 @@ def _tune(
                 "sample_rate": plan.sample_rate,
                 "steps": plan.steps,
                 "delta": plan.delta,
+                "size_bucket": plan.size_bucket,
             }
         )
         try:
@@ -359,14 +360,16 @@ def _tune(
                 cumulative_history=history.cumulative_history(opts.dataset_id, opts.budget_dir),
                 delta=plan.delta,
                 max_grad_norm=plan.max_grad_norm,
+                size_bucket=plan.size_bucket,
+                nominal_batch=plan.nominal_batch,
+                budget=history.budget_for_receipt(opts.dataset_id, opts.budget_dir),
                 dataset_id=opts.dataset_id,
                 dataset_fingerprint=fingerprint,
                 adapter_sha256=meta["sha256"][TENSORS_FILE],
                 bundle_id=inputs.bundle.id,
                 signer_public_key=keys.private_key.public_key(),
                 run_id=result.run_id,
-                noise_seed=opts.noise_seed,
-                # TODO(receipt v2): budget=history.budget_for_receipt(opts.dataset_id, opts.budget_dir),
+                noise_seeded=opts.noise_seed is not None,
             )
             write_receipt(stage, receipt, keys.private_key)
             result.receipt = receipt

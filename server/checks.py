@@ -90,19 +90,25 @@ def check_receipt(
         report = verify_receipt(directory, public_key=enrolled_key)
     receipt = report.receipt or {}
     failed = [c for c in report.checks if c.status == "fail"]
-    if any(c.name in ("signature", "signer identity") for c in failed):
+    if report.stopped or any(c.name in ("signature", "signer identity") for c in failed):
         raise SignatureError(
             "the receipt is not signed by the key enrolled for this client: "
             + "; ".join(f"{c.name}: {c.detail}" for c in failed if c.name in ("signature", "signer identity"))
         )
+    if report.format_version != 2:
+        # Version 1 published q = batch size / N, which gives the dataset size, and names no budget.
+        raise PolicyError(
+            f"receipt format version {report.format_version} is not accepted: train again with this "
+            "version of offsite (receipt format 2)"
+        )
+    if any(c.name == "noise source" for c in failed):
+        raise PolicyError("the receipt's noise was seeded (a test-only setting): the run is not private")
     if failed:
         raise MismatchError(
             "the receipt does not verify: " + "; ".join(f"{c.name}: {c.detail or 'failed'}" for c in failed)
         )
     if receipt.get("bundle_id") != job.bundle_id:
         raise MismatchError(f"the receipt is for bundle {str(receipt.get('bundle_id'))[:12]}…, not the job's")
-    if receipt.get("noise_seed") is not None:
-        raise PolicyError("the receipt's noise was seeded (a test-only setting): the run is not private")
     epsilon = float(receipt["epsilon"]["cumulative"]["prv_upper"])
     delta = float(receipt["delta"])
     if delta > job.max_delta:

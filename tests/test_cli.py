@@ -117,7 +117,9 @@ def test_whole_flow_from_the_command_line(tmp_path, env):
             env=env,
         ).stdout
     )
-    assert out["epsilon"]["cumulative"]["prv_upper"] <= 6 and out["plan"]["steps"] == 5
+    assert (
+        out["epsilon"]["cumulative"]["prv_upper"] <= 6 and out["plan"]["steps"] == 8
+    )  # 72 records: bucket 128, q = 16/128, ⌈1 / q⌉ steps
     assert (tmp_path / "adapter" / "receipt.sig").is_file()
     budget = json.loads(run("client", "budget", "--delta", out["delta"], "--json", env=env).stdout)
     assert [d["dataset_id"] for d in budget["datasets"]] == ["clinic-1"]

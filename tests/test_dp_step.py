@@ -77,7 +77,8 @@ def test_one_dp_step_applies_exactly_the_clipped_gradient(tmp_path, family, kind
         steps=1,
         delta=1e-5,
         max_grad_norm=C,
-        expected_batch_size=len(examples),
+        nominal_batch=len(examples),
+        size_bucket=len(examples),  # 4 records: bucket 4, q = 4/4
     )
     recorded = []
     train_dp(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 
+import numpy as np
 import pytest
 import torch
 from tiny import WORDS, make_tiny_checkpoint
@@ -14,8 +15,9 @@ from offsite.errors import BudgetError, DataError, FormatError, IntegrityError, 
 from offsite.formats.bundle import Bundle
 from offsite.prepare import PrepareOptions, prepare
 from offsite.privacy import history
-from offsite.privacy.receipt import verify_receipt
-from offsite.training.dp import DPPlan, default_delta, make_dp_optimizer, make_plan
+from offsite.privacy.receipt_audit import verify_receipt
+from offsite.training.dp import add_noise_and_scale, default_delta, make_plan, size_bucket
+from offsite.training.noise import NOISE, ChaChaStream
 from offsite.tune import TuneOptions, state_dir_for, tune
 
 
@@ -61,26 +63,31 @@ def _opts(setup, **kw):
     return TuneOptions(**base)
 
 
-def test_noise_has_standard_deviation_sigma_times_c():
-    params = [torch.nn.Parameter(torch.zeros(200, 100))]
-    plan = DPPlan(
-        noise_multiplier=1.3, sample_rate=0.1, steps=1, delta=1e-5, max_grad_norm=0.7, expected_batch_size=16
-    )
-    captured = []
+def test_noise_has_standard_deviation_sigma_times_c_and_is_divided_by_the_nominal_batch():
+    params = [torch.nn.Parameter(torch.zeros(200, 100)), torch.nn.Parameter(torch.zeros(37))]
+    sigma, c, nominal = 1.3, 0.7, 16
+    size = sum(p.numel() for p in params)
 
-    def run(seed):
-        params[0].grad = torch.zeros_like(params[0])  # the clipped sum is zero: p.grad is pure noise
-        opt = make_dp_optimizer(torch.optim.SGD(params, lr=0.0), plan, torch.Generator().manual_seed(seed))
-        opt.step_hook = lambda o: captured.append(params[0].grad.clone() * plan.expected_batch_size)
-        opt.step()
-        return captured[-1]
+    def run(stream):
+        for p in params:
+            p.grad = torch.zeros_like(p)  # the clipped sum is zero: p.grad is pure noise
+        add_noise_and_scale(params, stream.normals(NOISE, 1, size), sigma * c, nominal)
+        return torch.cat([p.grad.flatten() for p in params]) * nominal
 
-    noise = run(1)
-    sd = noise.std().item()
-    # 20,000 draws: the sample s.d. is within 2% of the truth with overwhelming probability.
-    assert abs(sd / (1.3 * 0.7) - 1) < 0.02
+    noise = run(ChaChaStream.insecure_from_seed(1))
+    # 20,037 draws: the sample s.d. is within 2% of the truth with overwhelming probability.
+    assert abs(noise.std().item() / (sigma * c) - 1) < 0.02
     assert abs(noise.mean().item()) < 0.05
-    assert torch.equal(run(1), noise) and not torch.equal(run(2), noise)
+    assert torch.equal(run(ChaChaStream.insecure_from_seed(1)), noise)
+    assert not torch.equal(run(ChaChaStream.insecure_from_seed(2)), noise)
+    assert not torch.equal(run(ChaChaStream.from_os()), run(ChaChaStream.from_os()))
+    # The clipped sum is kept and the whole is divided by the nominal batch.
+    for p in params:
+        p.grad = torch.full_like(p, 32.0)
+    add_noise_and_scale(params, np.zeros(size, dtype=np.float32), sigma * c, nominal)
+    assert all(torch.equal(p.grad, torch.full_like(p, 2.0)) for p in params)
+    with pytest.raises(ValueError, match="noise has"):
+        add_noise_and_scale(params, np.zeros(size + 1, dtype=np.float32), 1.0, 1)
 
 
 def test_plan_refuses_what_it_must():
@@ -88,11 +95,26 @@ def test_plan_refuses_what_it_must():
         make_plan(10, 16, 1, prior_history=[], epsilon=8, delta=None, noise_multiplier=None, max_grad_norm=1)
     with pytest.raises(BudgetError, match="not below 1/N"):
         make_plan(100, 16, 1, prior_history=[], epsilon=8, delta=0.01, noise_multiplier=None, max_grad_norm=1)
-    assert default_delta(100) == 1e-3 and default_delta(5000) == 1e-5 and default_delta(999) < 1 / 999
+    assert [size_bucket(n) for n in (1, 2, 3, 64, 65, 2880)] == [1, 2, 4, 64, 128, 4096]
+    assert default_delta(128) == 1e-4 and default_delta(4096) == 1e-5 and default_delta(1) == 0.1
+    assert all(default_delta(size_bucket(n)) <= 0.1 / n for n in range(1, 5000))
     plan = make_plan(
         64, 16, 2, prior_history=[], epsilon=None, delta=None, noise_multiplier=1.0, max_grad_norm=1
     )
-    assert (plan.sample_rate, plan.steps, plan.expected_batch_size) == (0.25, 8, 16)
+    assert (plan.sample_rate, plan.steps, plan.nominal_batch, plan.size_bucket) == (0.25, 8, 16, 64)
+
+
+@pytest.mark.parametrize("n", [33, 40, 63, 64])
+def test_plan_is_a_function_of_the_size_bucket_only(n):
+    def plan(records):
+        return make_plan(
+            records, 8, 3, prior_history=[], epsilon=4.0, delta=None, noise_multiplier=None, max_grad_norm=1
+        )
+
+    assert plan(n) == plan(64)  # every N in (32, 64] plans the same run
+    p = plan(n)
+    assert p.sample_rate == 8 / 64 and p.steps == 24 and p.delta == 1e-3
+    assert p.sample_rate * n <= p.nominal_batch < 2 * p.sample_rate * n  # expected batch in (B/2, B]
 
 
 def test_dp_run_moves_only_the_adapter_and_writes_a_valid_receipt(setup, tmp_path):
@@ -113,7 +135,7 @@ def test_dp_run_moves_only_the_adapter_and_writes_a_valid_receipt(setup, tmp_pat
     assert r["run_history"] == [
         {"mechanism": "poisson-subsampled-gaussian", "noise_multiplier": 1.0, "sample_rate": 0.25, "steps": 4}
     ]
-    # No field publishes the dataset size (q and steps are what accounting needs).
+    # No field publishes the dataset size: the size bucket stands in for it (the run has 64 records).
     assert set(r) == {
         "format",
         "format_version",
@@ -128,7 +150,10 @@ def test_dp_run_moves_only_the_adapter_and_writes_a_valid_receipt(setup, tmp_pat
         "neighbouring_relation",
         "delta",
         "max_grad_norm",
-        "noise_seed",
+        "size_bucket",
+        "nominal_batch",
+        "noise_source",
+        "budget",
         "run_history",
         "cumulative_history",
         "epsilon",
@@ -136,7 +161,8 @@ def test_dp_run_moves_only_the_adapter_and_writes_a_valid_receipt(setup, tmp_pat
         "signer",
         "versions",
     }
-    assert 64 not in [v for v in r.values() if isinstance(v, int)]
+    assert (r["size_bucket"], r["nominal_batch"], r["format_version"]) == (64, 16, 2)
+    assert r["noise_source"] == {"generator": "chacha20-box-muller", "seeded": False}
     meta = json.loads((tmp_path / "a" / "adapter.json").read_text())
     assert "loss" not in json.dumps(meta)
     # The frozen emulator is never touched by training: it is reloaded from the bundle, so check
@@ -430,3 +456,75 @@ def test_two_runs_writing_one_output_do_not_train_together(setup, tmp_path):
     ):
         tune(setup / "bundle", setup / "train.jsonl", out, _opts(setup, budget_dir=tmp_path / "b"))
     assert not (tmp_path / "b" / "budgets" / "ds.json").exists() and not out.exists()
+
+
+def _records(path, n: int, seed: int):
+    rng = random.Random(seed)
+    path.write_text(
+        "".join(
+            json.dumps(
+                {"prompt": " ".join(rng.choices(WORDS, k=4)), "completion": " ".join(rng.choices(WORDS, k=2))}
+            )
+            + "\n"
+            for _ in range(n)
+        )
+    )
+    return path
+
+
+def _published(adapter_dir) -> dict:
+    """adapter.json and the receipt without ids, hashes, times and the fingerprint."""
+    meta = json.loads((adapter_dir / "adapter.json").read_text())
+    meta.pop("sha256")
+    receipt = json.loads((adapter_dir / "receipt.json").read_text())
+    for key in ("run_id", "created_at", "dataset_id", "dataset_fingerprint", "adapter_sha256"):
+        receipt.pop(key)
+    for entry in receipt["cumulative_history"]:
+        entry.pop("run_id")
+    for change in receipt["budget"]["changes"]:
+        change.pop("at")
+    return {"adapter.json": meta, "receipt.json": receipt}
+
+
+def test_n_and_n_plus_one_records_publish_the_same_fields(setup, tmp_path):
+    # 40 and 41 records share the size bucket 64: with the same flags nothing published may differ.
+    published = []
+    for n in (40, 41):
+        data = _records(tmp_path / f"train{n}.jsonl", n, seed=n)
+        opts = _opts(setup, dataset_id=f"size-{n}", noise_multiplier=None, epsilon=4.0, batch_size=8)
+        result = tune(setup / "bundle", data, tmp_path / f"a{n}", opts)
+        assert result.plan.size_bucket == 64 and result.plan.sample_rate == 8 / 64
+        published.append(_published(tmp_path / f"a{n}"))
+    assert published[0] == published[1]
+    assert published[0]["receipt.json"]["size_bucket"] == 64
+
+
+def test_a_seeded_run_is_reproducible_and_its_receipt_fails_the_audit(setup, tmp_path, capsys):
+    import argparse
+
+    from safetensors.torch import load_file
+
+    from offsite.cli.audit import register
+
+    def train(name, **kw):
+        tune(setup / "bundle", setup / "train.jsonl", tmp_path / name, _opts(setup, dataset_id=name, **kw))
+        return load_file(str(tmp_path / name / "adapter.safetensors"))
+
+    a, b = train("s1", noise_seed=11), train("s2", noise_seed=11)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # same seed: same sampling and noise
+    c, d = train("u1"), train("u2")
+    assert not all(torch.equal(c[k], d[k]) for k in c)  # fresh keys: different noise
+
+    parser = argparse.ArgumentParser(prog="offsite")
+    register(parser.add_subparsers(dest="command", required=True))
+    pub = crypto.KeyPaths.in_dir(setup / "keys").public_key
+    argv = ["audit", "receipt", str(tmp_path / "s1" / "receipt.json"), "--adapter", str(tmp_path / "s1")]
+    args = parser.parse_args([*argv, "--pubkey", str(pub), "--json"])
+    assert args.func(args) == 1
+    report = json.loads(capsys.readouterr().out)
+    failed = [c for c in report["checks"] if c["status"] == "fail"]
+    assert [c["name"] for c in failed] == ["noise source"] and "seeded" in failed[0]["detail"]
+    args = parser.parse_args(
+        [*argv[:2], str(tmp_path / "u1" / "receipt.json"), "--adapter", str(tmp_path / "u1"), "--json"]
+    )
+    assert args.func(args) == 0

@@ -26,9 +26,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("bundle", type=Path, help="bundle directory from the model owner")
     p.add_argument("--data", type=Path, required=True, help="training records (JSONL, CSV or text)")
     p.add_argument("--out", type=Path, required=True, help="adapter directory to create")
-    p.add_argument("--epochs", type=int, default=3, help="passes over the data (default 3)")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=3,
+        help="passes over the data (default 3); under DP the expected passes: steps = ⌈epochs / q⌉",
+    )
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate, in (0, 10] (default 1e-3)")
-    p.add_argument("--batch-size", type=int, default=16, help="batch size (default 16)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=16,
+        help="batch size (default 16). Under DP the nominal batch B: each record joins each step's batch "
+        "with probability q = B / bucket (bucket: the power of two at or above the number of records), so "
+        "batches hold q·N records on average, between B/2 and B; the noisy gradient sum is divided by B",
+    )
     p.add_argument("--seed", type=int, default=0, help="data order, initialisation and dropout")
     p.add_argument("--eval-data", type=Path, default=None, help="records for the per-epoch eval loss")
     p.add_argument(
@@ -88,9 +100,12 @@ def add_dp_arguments(p: argparse.ArgumentParser) -> None:
         "protected. Each dataset has a budget (ε, δ), fixed by its first DP run (its --epsilon and δ) or "
         "by `offsite client set-budget`: every run recorded on this machine for --dataset-id (and for the "
         "datasets it inherits) is composed with this one, and σ is the smallest noise that keeps the total "
-        "within the budget. Sampling and noise use the operating system's randomness, never --seed. Every "
-        "option is checked before any budget is reserved; an interrupted run (crash, Ctrl-C) resumes "
-        "under its reservation when rerun with the same bundle, data, --out and settings.",
+        "within the budget. q, the number of steps and the default δ follow from the flags and the size "
+        "bucket (the power of two at or above the number of records), which the receipt publishes instead "
+        "of the number of records. Sampling and noise come from a ChaCha20 stream keyed from os.urandom (a "
+        "new key per run, never stored), never from --seed. Every option is checked before any budget is "
+        "reserved; an interrupted run (crash, Ctrl-C) resumes under its reservation when rerun with the "
+        "same bundle, data, --out and settings.",
     )
     g.add_argument("--dataset-id", help="name of the private dataset whose budget this run spends")
     g.add_argument(
@@ -105,7 +120,8 @@ def add_dp_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         help="δ: on a dataset's first run, it becomes part of its budget (default: a power of ten at most "
-        "1/(10·N) for N records; δ ≥ 1/N is refused); later runs must use the recorded δ (omit it)",
+        "1/(10·bucket), so below 1/(10·N) for N records; δ ≥ 1/N is refused); later runs must use the "
+        "recorded δ (omit it)",
     )
     g.add_argument(
         "--noise-multiplier",
@@ -195,7 +211,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     def on_plan(plan) -> None:
         err_console.print(
-            f"DP plan: σ={plan.noise_multiplier:.4f}, q={plan.sample_rate:.4g}, "
+            f"DP plan: σ={plan.noise_multiplier:.4f}, q={plan.sample_rate:.4g} "
+            f"(= {plan.nominal_batch}/{plan.size_bucket}, size bucket {plan.size_bucket}), "
             f"steps={plan.steps}, C={plan.max_grad_norm:g}, δ={plan.delta:g}"
         )
         if plan.noise_multiplier > 10:

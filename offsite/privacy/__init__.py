@@ -5,7 +5,8 @@ from offsite import lazy_exports
 _EXPORTS = {
     "epsilon": "offsite.privacy.accounting",
     "calibrate_noise": "offsite.privacy.accounting",
-    "verify_receipt": "offsite.privacy.receipt",
+    "verify_receipt": "offsite.privacy.receipt_audit",
+    "build_receipt": "offsite.privacy.receipt",
 }
 __all__ = list(_EXPORTS)
 

@@ -2,15 +2,19 @@
 
 The pieces and who owns them:
 
-* Poisson sampling: Opacus' ``UniformWithReplacementSampler`` (each record joins each
-  logical batch independently with probability q).
+* The plan (``make_plan``): q, steps and the default δ come from the flags and the dataset's *size
+  bucket* (the power of two at or above N), never from N itself, so nothing published follows N
+  except through the bucket. q = nominal batch / bucket, steps = ⌈epochs / q⌉.
+* Poisson sampling (``noise.PoissonSampler``): each record joins each logical batch
+  independently with probability exactly q, from a ChaCha20 stream.
 * Per-sample clipping: the project's ``PerSampleClipper`` (exact on every family; see
   ``per_sample.py``). A logical batch is split into physical batches of bounded size.
-* Noise and the batch reduction: Opacus' ``DPOptimizerFastGradientClipping`` adds
-  N(0, (σC)²) to the clipped sum and divides by the expected batch size q·N.
+* Noise and the batch reduction (``add_noise_and_scale``): N(0, (σC)²) from a ChaCha20 stream
+  (``noise.StepNoise``, drawn a step ahead in a background thread) added to the clipped sum, then
+  division by the constant nominal batch, never by anything computed from N.
 
-Randomness for sampling and noise comes from the operating system (``os.urandom``
-seeds), never from ``--seed``; a test-only ``noise_seed`` exists and is recorded in the
+Randomness for sampling and noise comes from ChaCha20 keyed from ``os.urandom`` (a new key per run,
+never stored), never from ``--seed``; a test-only ``noise_seed`` exists and is recorded in the
 receipt. Budget is recorded before it is spent: ``offsite.tune`` reserves the whole run in the
 dataset's history; other callers can pass ``record_steps``, called before each step.
 """
@@ -18,14 +22,12 @@ dataset's history; other callers can pass ``record_steps``, called before each s
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
-from opacus.optimizers import DPOptimizerFastGradientClipping
-from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 
 from offsite.data import Example, collate
@@ -33,27 +35,38 @@ from offsite.errors import BudgetError, DataError, OffsiteError
 from offsite.privacy import accounting
 from offsite.training import checkpoint
 from offsite.training.losses import per_sample_loss
+from offsite.training.noise import ChaChaStream, PoissonSampler, StepNoise
 from offsite.training.per_sample import PerSampleClipper
 
 
 @dataclass(frozen=True)
 class DPPlan:
-    """What the accountant needs, fixed before training starts."""
+    """What the accountant needs, fixed before training starts. Every field is a function of the
+    flags, the size bucket and the dataset's recorded history, never of the exact N."""
 
     noise_multiplier: float
     sample_rate: float
     steps: int
     delta: float
     max_grad_norm: float
-    expected_batch_size: int
+    nominal_batch: int
+    size_bucket: int
 
     def entry(self, steps_done: int) -> dict:
         return accounting.make_entry(self.noise_multiplier, self.sample_rate, steps_done)
 
 
-def default_delta(n_records: int) -> float:
-    """A power of ten at most 1/(10·N): well below 1/N, as DP practice asks."""
-    return 10.0 ** math.floor(math.log10(0.1 / n_records))
+def size_bucket(n_records: int) -> int:
+    """The power of two at or above N: what a receipt publishes in place of N."""
+    if n_records < 1:
+        raise DataError("the dataset has no records")
+    return 1 << (n_records - 1).bit_length()
+
+
+def default_delta(bucket: int) -> float:
+    """A power of ten at most 1/(10·bucket): below 1/(10·N) for every N in the bucket, as DP practice
+    asks, and a function of the bucket only."""
+    return 10.0 ** math.floor(math.log10(0.1 / bucket))
 
 
 def make_plan(
@@ -67,8 +80,14 @@ def make_plan(
     noise_multiplier: float | None,
     max_grad_norm: float,
 ) -> DPPlan:
-    """Choose q, steps and σ: σ is the smallest noise keeping the dataset's *total* ε
-    (recorded history composed with this run) within ``epsilon``, unless given explicitly."""
+    """Choose q, steps and σ from the flags and the size bucket of ``n_records``.
+
+    The grid: bucket = 2**⌈log2 N⌉, q = batch_size / bucket (a dyadic number, so Poisson sampling
+    hits it exactly), steps = ⌈epochs / q⌉, and the noisy sum is divided by batch_size (the nominal
+    batch; the expected batch q·N lies in (batch_size/2, batch_size]). σ is the smallest noise keeping
+    the dataset's *total* ε (recorded history composed with this run) within ``epsilon``, unless
+    given explicitly. The exact N is used only to refuse: a dataset smaller than one batch, or δ ≥ 1/N.
+    """
     if n_records < batch_size:
         raise DataError(
             f"the dataset has fewer records than one batch (--batch-size {batch_size}); "
@@ -78,14 +97,16 @@ def make_plan(
         raise OffsiteError("--epochs must be at least 1")
     if max_grad_norm <= 0:
         raise OffsiteError("--max-grad-norm must be positive")
-    delta = default_delta(n_records) if delta is None else delta
+    bucket = size_bucket(n_records)
+    delta = default_delta(bucket) if delta is None else delta
     if not 0 < delta < 1 / n_records:
         raise BudgetError(
             f"δ={delta:g} is not below 1/N for this dataset; δ ≥ 1/N permits releasing a record "
-            "outright. Use a smaller --delta (the default is at most 1/(10·N))."
+            "outright. Use a smaller --delta (the default is at most 1/(10·N): a power of ten at most "
+            "1/(10·size bucket))."
         )
-    q = batch_size / n_records
-    steps = epochs * math.ceil(n_records / batch_size)
+    q = batch_size / bucket
+    steps = -(-epochs * bucket // batch_size)  # ⌈epochs / q⌉ in exact integer arithmetic
     if noise_multiplier is None:
         if epsilon is None:
             raise OffsiteError("give --epsilon (the dataset's total budget) or --noise-multiplier")
@@ -101,26 +122,28 @@ def make_plan(
                     f"σ={sigma:g} for {steps} steps at q={q:.4g} brings this dataset's total to "
                     f"ε={total:.3f} at δ={delta:g}, above --epsilon {epsilon:g}"
                 )
-    return DPPlan(sigma, q, steps, delta, max_grad_norm, batch_size)
+    return DPPlan(sigma, q, steps, delta, max_grad_norm, batch_size, bucket)
 
 
-def os_generator() -> torch.Generator:
-    """A generator seeded from the operating system's randomness."""
-    return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+def noise_stream(noise_seed: int | None) -> ChaChaStream:
+    """The run's source of noise and sampling: a fresh key from the OS, or (tests only) a seed."""
+    return ChaChaStream.from_os() if noise_seed is None else ChaChaStream.insecure_from_seed(noise_seed)
 
 
-def make_dp_optimizer(
-    optimizer: torch.optim.Optimizer, plan: DPPlan, generator: torch.Generator
-) -> DPOptimizerFastGradientClipping:
-    """Opacus' noise step: p.grad (the clipped sum) + N(0, (σC)²), divided by the expected batch size."""
-    return DPOptimizerFastGradientClipping(
-        optimizer,
-        noise_multiplier=plan.noise_multiplier,
-        max_grad_norm=plan.max_grad_norm,
-        expected_batch_size=plan.expected_batch_size,
-        loss_reduction="mean",
-        generator=generator,
-    )
+def add_noise_and_scale(
+    params: Sequence[nn.Parameter], noise: np.ndarray, std: float, nominal_batch: int
+) -> None:
+    """The privatised gradient, in place: p.grad (the clipped sum) + std · noise, divided by the
+    constant nominal batch. ``noise`` is one N(0, 1) vector covering ``params`` in order."""
+    flat = torch.from_numpy(noise)
+    offset = 0
+    for p in params:
+        n = p.numel()
+        chunk = flat[offset : offset + n].view(p.shape).to(p.grad.device)
+        p.grad.add_(chunk, alpha=std).div_(nominal_batch)
+        offset += n
+    if offset != flat.numel():
+        raise ValueError(f"noise has {flat.numel()} values for {offset} parameters")
 
 
 @dataclass
@@ -184,26 +207,20 @@ def train_dp(
     """
     optimizer = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=0.0)
     start = state.load(identity, params, optimizer) if state is not None and state.exists() else 0
-    if noise_seed is None:
-        noise_gen, sample_gen = os_generator(), os_generator()
-    else:  # test only: recorded in the receipt
-        noise_gen = torch.Generator().manual_seed(noise_seed)
-        sample_gen = torch.Generator().manual_seed(noise_seed + 1)
-    dp_optimizer = make_dp_optimizer(optimizer, plan, noise_gen)
-    sampler = UniformWithReplacementSampler(
-        num_samples=len(examples),
-        sample_rate=plan.sample_rate,
-        generator=sample_gen,
-        steps=plan.steps - start,
-    )
+    stream = noise_stream(noise_seed)
+    trainable = list(params.values())
+    sampler = PoissonSampler(stream, len(examples), plan.sample_rate)
+    noise = StepNoise(stream, sum(p.numel() for p in trainable), last_step=plan.steps)
     clipper = PerSampleClipper(model, plan.max_grad_norm)
     steps_per_epoch = math.ceil(1 / plan.sample_rate)
     model.train()
-    with clipper:
-        for step, indices in enumerate(sampler, start=start + 1):
+    with clipper, noise:
+        noise.prefetch(start + 1)  # drawn while the first batch computes
+        for step in range(start + 1, plan.steps + 1):
+            indices = sampler.indices(step)
             if record_steps:
                 record_steps(step)
-            dp_optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=True)
             losses = []
             for i in range(0, max(len(indices), 1), physical_batch_size):
                 chunk = [examples[j] for j in indices[i : i + physical_batch_size]]
@@ -218,7 +235,10 @@ def train_dp(
                     return per_sample
 
                 clipper.step(loss_fn, batch_size=len(chunk))
-            dp_optimizer.step()
+            add_noise_and_scale(
+                trainable, noise.get(step), plan.noise_multiplier * plan.max_grad_norm, plan.nominal_batch
+            )
+            optimizer.step()
             if on_step:
                 seen = torch.cat(losses) if losses else torch.zeros(0)
                 on_step(step, seen.mean().item() if seen.numel() else float("nan"))

@@ -1,0 +1,1 @@
+7rxwAH+gf/+gnVFYVSWW4aKoFJdYE3+VFdXc3DnFcHkCoF10axmMCTGJitUVb/C1WacOa++SKfF1sxTUnkYUBg==

@@ -1,0 +1,1 @@
+wVe77mG0JD7sSyXbjeUcz6/uIUYIiOmVD/LevaPDQk1Iw2PT+R/qRkw5bNUiISpgoHio1vLqMs2ixF9akycaBg==
