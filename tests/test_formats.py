@@ -87,16 +87,16 @@ MANIFEST_CASES = [
     (_set(["source"], ["gpt2"]), r"manifest.json\.source: Input should be an object"),
     (
         _set(["files", "emulator/config.json"], "abc"),
-        r"files\.emulator/config\.json: String should match pattern",
+        r"files\['emulator/config\.json'\]: String should match pattern",
     ),
     (
         _set(["files", "../../etc/passwd"], "a" * 64),
-        r"files\.\.\./\.\./etc/passwd\.\[key\]: Value error, must be a plain",
+        r"files\['\.\./\.\./etc/passwd'\]: Value error, must be a plain",
     ),
-    (_set(["files", "/abs"], "a" * 64), r"files\./abs\.\[key\]"),
+    (_set(["files", "/abs"], "a" * 64), r"files\['/abs'\]: Value error"),
     (
         _set(["adapter", "tensors", "layers.0.mlp.c_fc.weight", "shape"], KeyError),
-        r"adapter\.tensors\.layers\.0\.mlp\.c_fc\.weight\.shape: Field required",
+        r"adapter\.tensors\['layers\.0\.mlp\.c_fc\.weight'\]\.shape: Field required",
     ),
     (
         _set(["adapter", "tensors", "layers.3.attn.c_attn.weight"], {"shape": [1], "dtype": "float32"}),
@@ -144,11 +144,11 @@ ADAPTER_META_CASES = [
     (_set(["sha256"], "abc"), r"adapter\.json\.sha256: Input should be an object"),
     (
         _set(["sha256", "adapter.safetensors"], "abc"),
-        r"sha256\.adapter\.safetensors: String should match pattern",
+        r"sha256\['adapter\.safetensors'\]: String should match pattern",
     ),
     (
         _set(["tensors", "layers.0.mlp.c_fc.weight", "shape"], KeyError),
-        r"tensors\.layers\.0\.mlp\.c_fc\.weight\.shape: Field required",
+        r"tensors\['layers\.0\.mlp\.c_fc\.weight'\]\.shape: Field required",
     ),
     (
         _set(["tensors", "layers.0.mlp.c_fc.weight", "shape"], [-1, 4]),

@@ -32,9 +32,18 @@ class Schema(BaseModel):
 
 
 def _where(what: str, loc: tuple[Any, ...]) -> str:
+    """``what.field[2]["a/b.c"]``: field names as attributes, list indices and free-form mapping keys
+    (file paths, tensor names) in brackets; pydantic's ``[key]`` marker (the key itself is bad) dropped."""
     path = what
     for part in loc:
-        path += f"[{part}]" if isinstance(part, int) else f".{part}"
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part == "[key]":
+            continue
+        elif isinstance(part, str) and part.isidentifier():
+            path += f".{part}"
+        else:
+            path += f"[{part!r}]"
     return path
 
 
