@@ -81,7 +81,7 @@ def test_enrolment_round_trip_without_moving_a_private_key(owner, tmp_path):
         in cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     )
     assert record.receipt_key_fingerprint == crypto.public_key_fingerprint(
-        crypto.load_public_key(tmp_path / "alice" / "signing_key.pub.pem")
+        crypto.load_public_key(crypto.KeyPaths.in_dir(tmp_path / "alice").public_key)
     )
     info = identity.install(tmp_path / "alice", package)
     assert (info.client_id, info.server_address) == ("alice", "localhost:50051")
