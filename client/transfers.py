@@ -32,17 +32,18 @@ from offsite import pki
 from offsite.client.connection import Backoff, ServerError, open_channel, retryable, server_error, stub, unary
 from offsite.client.identity import Credentials
 from offsite.errors import FormatError, IntegrityError, OffsiteError
-from offsite.fileio import canonical_json, check_new_output, sha256_bytes, sha256_file, write_bytes_atomic
+from offsite.fileio import canonical_json, claim_output, sha256_bytes, sha256_file, write_bytes_atomic
 from offsite.formats import signing
 from offsite.formats import submission as envelope_format
 from offsite.formats.bundle import MANIFEST, Bundle
+from offsite.formats.issued import manifest_from_bytes
+from offsite.formats.manifest import Manifest
 from offsite.wire import transport
 from offsite.wire.v1 import offsite_pb2 as pb
 
 #: progress(description, total_bytes) -> update(bytes_done); one bar per transfer.
 Progress = Callable[[str, int], Callable[[int], None]]
 _SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 STATE_NAMES = {
     pb.SUBMISSION_STATE_UNSPECIFIED: "unknown",
@@ -56,6 +57,15 @@ STATE_NAMES = {
 
 def _no_progress(description: str, total: int) -> Callable[[int], None]:
     return lambda n: None
+
+
+@dataclass(frozen=True)
+class FetchedBundle:
+    """A bundle fetched and verified: where it is, its id and its manifest (as JSON data)."""
+
+    path: Path
+    id: str
+    manifest: dict
 
 
 class Watchdog:
@@ -146,59 +156,52 @@ class OffsiteClient:
             f"no job {job_id!r} is open to client {self.credentials.client_id} (`offsite client jobs`)"
         )
 
-    def verified_manifest(self, job: pb.Job) -> dict:
+    def verified_manifest(self, job: pb.Job) -> Manifest:
         """The job's manifest, after its signature by the enrolled owner key and its bundle id check."""
         if not job.manifest_signature:
             raise IntegrityError(f"job {job.job_id}: the bundle is not signed by the owner")
         signing.verify_manifest(job.manifest, job.manifest_signature, self.credentials.owner_key)
-        if sha256_bytes(job.manifest) != job.bundle_id:
-            raise IntegrityError(f"job {job.job_id}: the manifest does not hash to the bundle id")
-        try:
-            manifest = json.loads(job.manifest)
-        except ValueError as e:
-            raise FormatError(f"job {job.job_id}: the manifest is not JSON ({e})") from None
-        files = manifest.get("files") if isinstance(manifest, dict) else None
-        if not isinstance(files, dict) or not files:
-            raise FormatError(f"job {job.job_id}: the manifest lists no files")
-        for rel, digest in files.items():
-            parts = rel.split("/") if isinstance(rel, str) else []
-            if (
-                not parts
-                or not all(_SEGMENT.fullmatch(p) for p in parts)
-                or rel in (MANIFEST, signing.MANIFEST_SIGNATURE)
+        manifest = manifest_from_bytes(job.manifest, job.bundle_id, f"job {job.job_id}: the manifest")
+        for rel in manifest.files:
+            # The schema's RelPath cannot leave the bundle; on this machine a path is also kept to plain
+            # segments, and never names the two files fetch writes itself.
+            if not all(_SEGMENT.fullmatch(p) for p in rel.split("/")) or rel in (
+                MANIFEST,
+                signing.MANIFEST_SIGNATURE,
             ):
                 raise FormatError(
                     f"job {job.job_id}: the manifest lists a file path {rel!r} that is not allowed"
                 )
-            if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
-                raise FormatError(f"job {job.job_id}: the manifest's sha256 of {rel!r} is malformed")
         return manifest
 
     # -- fetch ------------------------------------------------------------------------------------
-    def fetch(self, job_id: str, out: str | os.PathLike, progress: Progress = _no_progress) -> Bundle:
-        out = check_new_output(out)
-        job = self.job(job_id)
-        manifest = self.verified_manifest(job)
-        stage = out.parent / f".{out.name}.fetch"
-        bundle_dir = stage / "bundle"
-        marker = stage / "fetch.json"
-        if stage.exists():
-            try:
-                same = json.loads(marker.read_text()).get("bundle_id") == job.bundle_id
-            except (OSError, ValueError):
-                same = False
-            if not same:  # partial files of another bundle: start over
-                shutil.rmtree(stage)
-        bundle_dir.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(marker, canonical_json({"job_id": job_id, "bundle_id": job.bundle_id}))
-        for rel, digest in sorted(manifest["files"].items()):
-            self._download(job_id, rel, digest, bundle_dir / rel, progress)
-        write_bytes_atomic(bundle_dir / MANIFEST, job.manifest)
-        write_bytes_atomic(bundle_dir / signing.MANIFEST_SIGNATURE, job.manifest_signature)
-        bundle = Bundle.open(bundle_dir, owner_key=self.credentials.owner_key)
-        os.replace(bundle_dir, out)
-        shutil.rmtree(stage, ignore_errors=True)
-        return Bundle(path=out, manifest=bundle.manifest, id=bundle.id)
+    def fetch(self, job_id: str, out: str | os.PathLike, progress: Progress = _no_progress) -> FetchedBundle:
+        """Download job ``job_id``'s bundle to ``out``, verified (signature, every hash) before it appears
+        there. Partial files stay in ``.OUT.fetch`` beside it, so a rerun continues."""
+        with claim_output(out) as claim:
+            job = self.job(job_id)
+            manifest = self.verified_manifest(job)
+            stage = claim.path.parent / f".{claim.path.name}.fetch"
+            bundle_dir = stage / "bundle"
+            marker = stage / "fetch.json"
+            if stage.exists():
+                try:
+                    same = json.loads(marker.read_text()).get("bundle_id") == job.bundle_id
+                except (OSError, ValueError):
+                    same = False
+                if not same:  # partial files of another bundle: start over
+                    shutil.rmtree(stage)
+            bundle_dir.mkdir(parents=True, exist_ok=True)
+            write_bytes_atomic(marker, canonical_json({"job_id": job_id, "bundle_id": job.bundle_id}))
+            for rel, digest in sorted(manifest.files.items()):
+                self._download(job_id, rel, digest, bundle_dir / rel, progress)
+            write_bytes_atomic(bundle_dir / MANIFEST, job.manifest)
+            write_bytes_atomic(bundle_dir / signing.MANIFEST_SIGNATURE, job.manifest_signature)
+            with Bundle.open(bundle_dir, owner_key=self.credentials.owner_key) as bundle:
+                fetched = FetchedBundle(claim.path, bundle.id, bundle.manifest)
+            os.replace(bundle_dir, claim.stage)  # the claim's empty staging directory; committed on exit
+            shutil.rmtree(stage, ignore_errors=True)
+        return fetched
 
     def _download(self, job_id: str, rel: str, digest: str, dest: Path, progress: Progress) -> None:
         if dest.is_file():

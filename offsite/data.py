@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -43,38 +44,85 @@ def _format_of(path: Path) -> str:
     return "text"
 
 
+#: A single record (one line, or one CSV row) may not be larger than this: a huge record would be
+#: tokenised whole and cost gigabytes, and is never a legitimate training example here.
+MAX_RECORD_BYTES = 1 << 20
+
+
+def _lines(f: BinaryIO, path: Path) -> Iterator[tuple[int, bytes]]:
+    """``(line number, line with its ending)``; a line over the limit is refused once the limit is
+    read, so it is never held whole."""
+    limit = MAX_RECORD_BYTES + 2  # the limit is on the content; "\r\n" does not count
+    lineno = 0
+    while line := f.readline(limit + 1):
+        lineno += 1
+        if len(line.rstrip(b"\r\n")) > MAX_RECORD_BYTES:
+            raise DataError(f"{path}:{lineno}: record larger than {MAX_RECORD_BYTES} bytes (1 MiB); refused")
+        yield lineno, line
+
+
+def _decode(line: bytes, where: str) -> str:
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _iter_csv(f: BinaryIO, path: Path) -> Iterator[Record]:
+    since_last_row = 0  # bytes read for the row being assembled (a quoted cell may span lines)
+
+    def text_lines() -> Iterator[str]:
+        nonlocal since_last_row
+        for lineno, line in _lines(f, path):
+            since_last_row += len(line)
+            if since_last_row > MAX_RECORD_BYTES + 2:
+                raise DataError(
+                    f"{path}:{lineno}: record larger than {MAX_RECORD_BYTES} bytes (1 MiB); refused"
+                )
+            yield _decode(line, f"{path}:{lineno}")
+
+    # The csv module's own cell limit (128 KiB by default) is below the record limit.
+    csv.field_size_limit(max(csv.field_size_limit(), MAX_RECORD_BYTES + 2))
+    reader = csv.DictReader(text_lines(), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+    try:
+        if not reader.fieldnames:
+            return
+        since_last_row = 0
+        for row in reader:
+            since_last_row = 0
+            where = f"{path}:{reader.line_num}"
+            if None in row:
+                raise DataError(f"{where}: row has more cells than the header")
+            raw = json.dumps(row, sort_keys=True).encode()
+            yield Record(where, dict(row), raw)
+    except csv.Error as e:
+        raise DataError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
+
+
 def _iter_raw(path: Path) -> Iterator[Record]:
     fmt = _format_of(path)
-    try:
-        with open(path, encoding="utf-8", newline="") as f:
-            if fmt == "csv":
-                reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
-                if not reader.fieldnames:
-                    return
-                for row in reader:
-                    where = f"{path}:{reader.line_num}"
-                    if None in row:
-                        raise DataError(f"{where}: row has more cells than the header")
-                    raw = json.dumps(row, sort_keys=True).encode()
-                    yield Record(where, dict(row), raw)
-                return
-            for lineno, line in enumerate(f, 1):
-                where = f"{path}:{lineno}"
-                stripped = line.rstrip("\r\n")
-                if not stripped.strip():
-                    continue
-                if fmt == "text":
-                    yield Record(where, {"text": stripped}, stripped.encode())
-                    continue
-                try:
-                    obj = json.loads(stripped)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{where}: malformed JSON ({e.msg})") from None
-                if not isinstance(obj, dict):
-                    raise DataError(f"{where}: each JSONL line must be an object")
-                yield Record(where, obj, stripped.encode())
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e})") from None
+    with open(path, "rb") as f:
+        if fmt == "csv":
+            yield from _iter_csv(f, path)
+            return
+        for lineno, line in _lines(f, path):
+            where = f"{path}:{lineno}"
+            raw = line.rstrip(b"\r\n")
+            stripped = _decode(raw, where)
+            if not stripped.strip():
+                continue
+            if fmt == "text":
+                yield Record(where, {"text": stripped}, raw)
+                continue
+            try:
+                obj = json.loads(stripped)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: malformed JSON ({e.msg})") from None
+            except RecursionError:
+                raise DataError(f"{where}: JSON nested too deeply") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{where}: each JSONL line must be an object")
+            yield Record(where, obj, raw)
 
 
 def read_records(path: str | os.PathLike, kind: str) -> list[Record]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from offsite.data import make_examples, max_positions, read_records
-from offsite.fileio import check_new_output, staged_directory
+from offsite.fileio import OutputClaim, claim_output
 from offsite.models.loading import load_config, load_model, load_tokenizer, task_from_config
 from offsite.models.registry import Task
 from offsite.training.finetune import TrainConfig, train
@@ -28,8 +28,21 @@ def finetune_full(
     max_length: int | None = None,
     on_step: Callable[[int, float], None] | None = None,
 ) -> None:
+    # Claimed before the work, so a second run on the same --out fails at once.
+    with claim_output(out) as claim:
+        _finetune_full(claim, model_dir, data, cfg, num_labels, max_length, on_step)
+
+
+def _finetune_full(
+    claim: OutputClaim,
+    model_dir: str | os.PathLike,
+    data: str | os.PathLike,
+    cfg: TrainConfig,
+    num_labels: int | None,
+    max_length: int | None,
+    on_step: Callable[[int, float], None] | None,
+) -> None:
     model_dir = Path(model_dir)
-    check_new_output(out)
     task = task_from_config(load_config(model_dir), num_labels)
     torch.manual_seed(cfg.seed)
     model = load_model(model_dir, task=task, dtype=torch.float32, num_labels=num_labels)
@@ -47,6 +60,6 @@ def finetune_full(
         shift=task is Task.CAUSAL_LM,
         on_step=on_step,
     )
-    with staged_directory(out) as stage:
+    with claim.staged() as stage:
         model.save_pretrained(stage, safe_serialization=True)
         tokenizer.save_pretrained(stage)

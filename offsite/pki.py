@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from offsite.errors import FormatError, IntegrityError, OffsiteError
+from offsite.fileio import fsync_directory
 
 #: Certificates the owner issues are valid this long; re-enrol (a new request) to renew.
 CA_DAYS = 3650
@@ -89,15 +90,7 @@ def write_secret(path: str | os.PathLike, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(directory: str | os.PathLike) -> None:
-    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_directory(path.parent)
 
 
 # ------------------------------------------------------------------------------------------ certificates

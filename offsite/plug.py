@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from offsite.errors import FormatError, MismatchError
-from offsite.fileio import canonical_json, check_new_output, read_json, staged_directory, write_bytes_atomic
-from offsite.formats.adapter import META_FILE, read_adapter
-from offsite.formats.bundle import MANIFEST, manifest_from_bytes
-from offsite.models.adapters import LORA, AdapterSpec
+from offsite.fileio import canonical_json, claim_output, read_bounded, write_bytes_atomic
+from offsite.formats.adapter import read_adapter, read_adapter_meta
+from offsite.formats.issued import manifest_from_bytes
+from offsite.formats.manifest import MANIFEST
+from offsite.formats.schema import MAX_METADATA_BYTES
+from offsite.models.adapters import LORA
 from offsite.models.loading import load_model, load_tokenizer, model_fingerprint
 from offsite.models.plugin import export_peft, merge, plug_in
 from offsite.models.registry import Task
@@ -36,9 +37,9 @@ def manifest_from_bundle_dir(bundle_dir: str | os.PathLike) -> ManifestSource:
 
     def lookup(bundle_id: str) -> bytes:
         path = Path(bundle_dir) / MANIFEST
-        if not path.is_file():
+        if not os.path.lexists(path):
             raise FormatError(f"{bundle_dir} is not a bundle (no {MANIFEST})")
-        return path.read_bytes()
+        return read_bounded(path, str(path), MAX_METADATA_BYTES)
 
     return lookup
 
@@ -52,37 +53,40 @@ def plug(
     """Check ``adapter_dir`` against the bundle it claims and ``model_dir``, then write the merged model.
 
     The claimed bundle's manifest comes from ``manifests`` and must hash to the claimed bundle id.
+    ``out`` is claimed before any work.
     """
-    model_dir, adapter_dir, out = Path(model_dir), Path(adapter_dir), check_new_output(out)
-    claimed = str(read_json(adapter_dir / META_FILE, "adapter metadata").get("bundle_id"))
-    if not re.fullmatch(r"[0-9a-f]{64}", claimed):
-        raise FormatError(f"{adapter_dir / META_FILE}: malformed bundle id {claimed!r}")
-    manifest = manifest_from_bytes(manifests(claimed), claimed, f"manifest of bundle {claimed[:12]}…")
-    fingerprint = model_fingerprint(model_dir)
-    if manifest["source"]["fingerprint"] != fingerprint:
-        raise MismatchError(
-            f"bundle {claimed[:12]}… was not prepared from {model_dir} (fingerprint mismatch)"
+    model_dir, adapter_dir = Path(model_dir), Path(adapter_dir)
+    with claim_output(out) as claim:
+        # adapter.json is read here only to find the bundle it claims; read_adapter reads it again and
+        # checks that copy (the one whose tensors it loads) against that bundle's manifest.
+        claimed = read_adapter_meta(adapter_dir).bundle_id
+        where = f"manifest of bundle {claimed[:12]}…"
+        manifest = manifest_from_bytes(manifests(claimed), claimed, where)
+        fingerprint = model_fingerprint(model_dir)
+        if manifest.source.fingerprint != fingerprint:
+            raise MismatchError(
+                f"bundle {claimed[:12]}… was not prepared from {model_dir} (fingerprint mismatch)"
+            )
+        adapter = read_adapter(
+            adapter_dir,
+            expected_tensors={n: e.model_dump(mode="json") for n, e in manifest.adapter.tensors.items()},
+            bundle_id=claimed,
+            source_fingerprint=fingerprint,
+            expected_spec=manifest.adapter.spec,
         )
-    adapter = read_adapter(
-        adapter_dir,
-        expected_tensors=manifest["adapter"]["tensors"],
-        bundle_id=claimed,
-        source_fingerprint=fingerprint,
-    )
-    spec = AdapterSpec.from_json(manifest["adapter"]["spec"])
-    task = Task(manifest["source"]["task"])
-    model = load_model(model_dir, task=task, dtype="auto", num_labels=manifest["source"].get("num_labels"))
-    view = plug_in(model, spec, adapter.tensors)
-    peft_dir = None
-    with staged_directory(out) as stage:
+        spec = manifest.adapter.spec
+        task = Task(manifest.source.task)
+        model = load_model(model_dir, task=task, dtype="auto", num_labels=manifest.source.num_labels)
+        view = plug_in(model, spec, adapter.tensors)
+        peft_dir = None
         if spec.kind == LORA:
-            export_peft(view, stage / "peft", task)
-            peft_dir = out / "peft"
+            export_peft(view, claim.stage / "peft", task)
+            peft_dir = claim.path / "peft"
         merge(model)
-        model.save_pretrained(stage, safe_serialization=True)
-        load_tokenizer(model_dir).save_pretrained(stage)
+        model.save_pretrained(claim.stage, safe_serialization=True)
+        load_tokenizer(model_dir).save_pretrained(claim.stage)
         write_bytes_atomic(
-            stage / "offsite_plug.json",
+            claim.stage / "offsite_plug.json",
             canonical_json(
                 {
                     "bundle_id": claimed,

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from offsite import crypto
 from offsite.data import CLS, LM, MLM, Example, Record, make_examples, max_positions, read_records
 from offsite.errors import DataError, FormatError, OffsiteError
-from offsite.fileio import check_new_output, exclusive_lock, staged_directory
+from offsite.fileio import OutputClaim, claim_output, exclusive_lock
 from offsite.formats.adapter import TENSORS_FILE, write_adapter
 from offsite.formats.bundle import Bundle
 from offsite.models.adapters import AdapterView
@@ -259,8 +259,8 @@ def tune(
 ) -> TuneResult:
     """Fine-tune the adapter of ``bundle_dir`` on ``data``; write ``out`` (adapter, and under DP the receipt).
 
-    Every check that can fail (options, output exists, keys, dataset id, bundle integrity, data,
-    budget) runs before training and before any budget is reserved; nothing is written at ``out``
+    Every check that can fail (options, output exists or is claimed by another run, keys, dataset id,
+    bundle integrity, data, budget) runs before training and before any budget is reserved; nothing is written at ``out``
     unless the whole run succeeds, and never an adapter with a non-finite value.
     """
     opts.validate()
@@ -269,7 +269,23 @@ def tune(
         if opts.keys_dir is None or opts.budget_dir is None:
             raise ValueError("a DP run needs TuneOptions.keys_dir and budget_dir (see offsite.state)")
         _clear_finished_state(out)
-    out = check_new_output(out)
+    # ``out`` is claimed before any work, so a second run on the same ``out`` fails at once.
+    with claim_output(out) as claim:
+        return _tune(claim, bundle_dir, data, opts, on_step, on_eval, on_plan, on_total, on_warning)
+
+
+def _tune(
+    claim: OutputClaim,
+    bundle_dir: str | os.PathLike,
+    data: str | os.PathLike,
+    opts: TuneOptions,
+    on_step: Callable[[int, float], None] | None,
+    on_eval: Callable[[int, float], None] | None,
+    on_plan: Callable[[DPPlan], None] | None,
+    on_total: Callable[[int], None] | None,
+    on_warning: Callable[[str], None] | None,
+) -> TuneResult:
+    out = claim.path
     keys = DataOwnerKeys.load(opts.keys_dir) if opts.dp else None
     inputs = load_for_tuning(bundle_dir, data, opts)
     torch.manual_seed(opts.seed)
@@ -307,7 +323,7 @@ def tune(
             on_epoch=on_epoch,
         )
         tensors = _finite_adapter(inputs, "")
-        with staged_directory(out) as stage:
+        with claim.staged() as stage:
             _write_adapter(stage, inputs, tensors, hyper)
         return result
 
@@ -335,7 +351,7 @@ def tune(
         except OffsiteError:
             _remove_state(state.directory)  # the run is over: resuming would give the same values
             raise
-        with staged_directory(out) as stage:
+        with claim.staged() as stage:
             meta = _write_adapter(stage, inputs, tensors, hyper)
             receipt = build_receipt(
                 run_history=[plan.entry(plan.steps)],

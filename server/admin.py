@@ -186,7 +186,10 @@ def submissions(
 
 @contextlib.contextmanager
 def accepted_adapter(state: OwnerState, submission_id: str, scratch: Path) -> Iterator[Path]:
-    """An accepted submission as an adapter directory (hard links into the blob store), for plug-in."""
+    """An accepted submission as an adapter directory (copies from the blob store), for plug-in.
+
+    Copies, not hard links: the adapter validator refuses files with several names, whose content
+    could change through another one."""
     record = state.storage.get_submission(submission_id)
     if record.state not in (SubmissionState.ACCEPTED, SubmissionState.PLUGGED):
         detail = f": {record.reason}" if record.reason else ""
@@ -196,9 +199,5 @@ def accepted_adapter(state: OwnerState, submission_id: str, scratch: Path) -> It
     directory = scratch / f"submission-{submission_id}"
     directory.mkdir(parents=True)
     for f in record.files:
-        src = state.blobs.path(f.sha256)
-        try:
-            os.link(src, directory / f.name)
-        except OSError:  # another file system: copy
-            shutil.copyfile(src, directory / f.name)
+        shutil.copyfile(state.blobs.path(f.sha256), directory / f.name)
     yield directory

@@ -16,14 +16,18 @@ envelope, and the envelope was checked when the upload began):
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from offsite.errors import MismatchError
+from offsite.errors import MismatchError, OffsiteError
 from offsite.fileio import sha256_bytes
 from offsite.formats.adapter import read_adapter
+from offsite.formats.spec import AdapterSpec
 from offsite.formats.submission import RECEIPT_FILES
 from offsite.server.errors import ChunkIntegrityError, PolicyError, SignatureError
 from offsite.server.storage.base import JobRecord
@@ -40,14 +44,29 @@ class ReceiptFacts:
     signature: bytes
 
 
+@contextlib.contextmanager
+def _named_by_file(directory: Path) -> Iterator[None]:
+    """Errors name the submission's files (``adapter.safetensors: ...``), never the directory the server
+    keeps them in: a rejection reason goes back to the client and into the owner's records."""
+    try:
+        yield
+    except OffsiteError as e:
+        text = str(e).replace(f"{directory}{os.sep}", "").replace(str(directory), "the submission")
+        if text == str(e):
+            raise
+        raise type(e)(text) from None
+
+
 def check_adapter(directory: Path, manifest: dict, job: JobRecord) -> str:
     """Return the adapter's sha256 once it passes."""
-    adapter = read_adapter(
-        directory,
-        expected_tensors=manifest["adapter"]["tensors"],
-        bundle_id=job.bundle_id,
-        source_fingerprint=manifest["source"]["fingerprint"],
-    )
+    with _named_by_file(directory):
+        adapter = read_adapter(
+            directory,
+            expected_tensors=manifest["adapter"]["tensors"],
+            bundle_id=job.bundle_id,
+            source_fingerprint=manifest["source"]["fingerprint"],
+            expected_spec=AdapterSpec.from_json(manifest["adapter"]["spec"]),
+        )
     return str(adapter.meta["sha256"]["adapter.safetensors"])
 
 
@@ -67,7 +86,8 @@ def check_receipt(
         )
     from offsite.privacy.receipt import verify_receipt
 
-    report = verify_receipt(directory, public_key=enrolled_key)
+    with _named_by_file(directory):
+        report = verify_receipt(directory, public_key=enrolled_key)
     receipt = report.receipt or {}
     failed = [c for c in report.checks if c.status == "fail"]
     if any(c.name in ("signature", "signer identity") for c in failed):

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from offsite.pki import fsync_dir
+from offsite.fileio import fsync_directory
 from offsite.server.errors import ChunkIntegrityError, FileIntegrityError, LimitError, OffsetError
 from offsite.server.storage.base import DeclaredFile, Storage, SubmissionRecord
 from offsite.server.storage.blobs import UploadArea
@@ -180,7 +180,7 @@ class UploadWriter:
                 self._handle.flush()
                 os.fsync(self._handle.fileno())
             if self._new_files:
-                fsync_dir(self.directory)
+                fsync_directory(self.directory)
                 self._new_files = False
             self.committed = self.storage.set_committed(self.record.submission_id, self.position)
         self._last_commit = time.monotonic()

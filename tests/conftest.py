@@ -29,3 +29,12 @@ def world(tmp_path_factory):
     from world import build_world
 
     return build_world(tmp_path_factory.mktemp("world"))
+
+
+@pytest.fixture(scope="session")
+def made(tmp_path_factory):
+    """A real tiny model, its bundle and an untrained adapter (tests/hostile.py), built once; copy
+    before spoiling."""
+    from hostile import build_bundle_and_adapter
+
+    return build_bundle_and_adapter(tmp_path_factory.mktemp("made"))

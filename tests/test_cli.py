@@ -214,3 +214,22 @@ def test_whole_flow_from_the_command_line(tmp_path, env):
     assert (
         "DIFFERENTIAL PRIVACY IS OFF" in nodp.stderr and not (tmp_path / "adapter3" / "receipt.json").exists()
     )
+
+
+def test_every_option_of_every_command_has_a_help_text():
+    import argparse
+
+    from offsite.cli.main import build_parser
+
+    def actions(parser, path):
+        for a in parser._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for name, sub in a.choices.items():
+                    yield from actions(sub, [*path, name])
+            elif not isinstance(a, argparse._HelpAction):
+                yield " ".join(path), a.option_strings[0] if a.option_strings else a.dest, a.help
+
+    seen = list(actions(build_parser(), ["offsite"]))
+    assert ("offsite owner finetune-full", "--lr", "AdamW learning rate (default 1e-4)") in seen
+    missing = [(cmd, opt) for cmd, opt, text in seen if not (text and text.strip())]
+    assert missing == []

@@ -101,7 +101,8 @@ def test_kill_9_mid_upload_then_resume(world, state, served):
         stored = {f.name: s.blobs.path(f.sha256) for f in record.files}
         for name, path in stored.items():
             assert path.read_bytes() == (world.adapter / name).read_bytes()
-        assert s.uploads.present() == []
+        # the decided submissions' partial files are gone (the copied state may hold other tests' open uploads)
+        assert {before.submission_id, result.submission.submission_id}.isdisjoint(s.uploads.present())
     _blobs_are_whole(state)
 
 
@@ -264,4 +265,4 @@ def test_received_submission_is_decided_after_a_crash(world, state):
     server.stop(grace=1)
     with OwnerState(state) as s:
         assert s.storage.get_submission(record.submission_id).state == SubmissionState.ACCEPTED
-        assert s.uploads.present() == []
+        assert record.submission_id not in s.uploads.present()

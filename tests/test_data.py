@@ -78,3 +78,64 @@ def test_collate_pads_right_and_never_mixes_records(tmp_path):
     assert b["input_ids"].shape == (2, 4)
     assert b["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
     assert b["labels"][1, 3].item() == -100
+
+
+def test_a_record_over_1_mib_is_refused_with_file_and_line_without_being_held_whole(tmp_path):
+    import tracemalloc
+
+    from offsite.data import MAX_RECORD_BYTES
+
+    path = tmp_path / "d.jsonl"
+    with open(path, "w") as f:
+        f.write('{"text": "the cat"}\n')
+        f.write('{"text": "' + "a" * (10 * MAX_RECORD_BYTES) + '"}\n')  # a 10 MB line
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match=r"d\.jsonl:2: record larger than 1048576 bytes"):
+            read_records(path, LM)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * MAX_RECORD_BYTES  # the 10 MB line was never read whole
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".csv"])
+def test_oversized_records_are_refused_in_every_format(tmp_path, suffix):
+    from offsite.data import MAX_RECORD_BYTES
+
+    big = "b" * (MAX_RECORD_BYTES + 1)
+    content = {".txt": f"short\n{big}\n", ".csv": f'text,label\nshort,1\n"{big}",0\n'}[suffix]
+    path = _write(tmp_path / f"d{suffix}", content)
+    with pytest.raises(DataError, match=rf"d\{suffix}:[23]: record larger than"):
+        read_records(path, CLS if suffix == ".csv" else LM)
+
+
+def test_a_csv_record_spread_over_many_lines_is_bounded_too(tmp_path):
+    from offsite.data import MAX_RECORD_BYTES
+
+    line = "x" * 1000 + "\n"
+    cell = line * (MAX_RECORD_BYTES // len(line) + 2)  # each line is short, the record is not
+    path = _write(tmp_path / "d.csv", f'text,label\n"{cell}",0\n')
+    with pytest.raises(DataError, match=r"d\.csv:\d+: record larger than"):
+        read_records(path, CLS)
+
+
+def test_large_records_under_the_limit_are_read(tmp_path):
+    # The csv module's own cell limit (128 KiB) is below the record limit.
+    cell = "c " * 200_000
+    path = _write(tmp_path / "d.csv", f"text,label\n{cell},1\n")
+    assert read_records(path, CLS)[0].fields["text"] == cell
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b'{"text": "a"}\n\xff\xfe\n', r"d\.jsonl:2: not UTF-8 text"),
+        (b"[" * 100_000 + b"\n", r"d\.jsonl:1: (JSON nested too deeply|malformed JSON)"),
+    ],
+)
+def test_undecodable_or_too_deep_lines_name_file_and_line(tmp_path, content, message):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        read_records(path, LM)

@@ -134,3 +134,35 @@ def test_masked_lm_perplexity_uses_a_fixed_masking_seed(tmp_path):
     assert first.rows[0].metrics["perplexity"] > 1 and first.rows[1].metrics["perplexity"] > 1
     with pytest.raises(Exception, match="masked-lm model"):
         evaluate_settings(corpus, "lm", EvalInputs(model=src))
+
+
+def test_a_distillation_checkpoint_resumes_only_the_same_run(tmp_path):
+    from dataclasses import replace
+
+    from offsite.errors import OffsiteError
+
+    src = make_tiny_checkpoint(tmp_path / "m", "gpt2", layers=8)
+    other = make_tiny_checkpoint(tmp_path / "o", "gpt2", layers=8, seed=3)
+    corpus = _corpus(tmp_path / "c.jsonl")
+    cfg = DistillConfig(steps=4, lr=3e-3, warmup_steps=1, checkpoint_every=2)
+    ckpt = tmp_path / "ckpt"
+
+    def opts(**kw):
+        base = dict(emulator_layers=2, distill_data=corpus, distill=cfg, distill_checkpoint=ckpt)
+        return PrepareOptions(**{**base, **kw})
+
+    first = prepare(src, tmp_path / "b1", opts())
+    refused = [
+        (other, opts(), "a different source model"),
+        (src, opts(emulator_layers=3), "a different emulator layer map"),
+        (src, opts(adapter_bottom=1, emulator_layers=3), "a different"),
+        (src, opts(distill_data=_corpus(tmp_path / "c2.jsonl", seed=1)), "different distillation data"),
+        (src, opts(distill=replace(cfg, lr=1e-3)), "different distillation settings"),
+    ]
+    for i, (model, o, message) in enumerate(refused):
+        with pytest.raises(OffsiteError, match=message):
+            prepare(model, tmp_path / f"r{i}", o)
+        assert not (tmp_path / f"r{i}").exists()
+    # Only how often it checkpoints differs: the same run, resumed (already finished), same bundle.
+    again = prepare(src, tmp_path / "b2", opts(distill=replace(cfg, checkpoint_every=3)))
+    assert again.bundle_id == first.bundle_id

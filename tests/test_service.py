@@ -140,6 +140,7 @@ def assert_rejected_and_gone(world, sid: str, *needles: str) -> None:
         assert record.state == SubmissionState.REJECTED
         for needle in needles:
             assert needle in record.reason
+        assert str(world.owner) not in record.reason  # the server's own paths are never disclosed
         assert sid not in state.uploads.present()
         # its files reached the blob store only if the same bytes belong to an accepted submission
         accepted = {
@@ -349,7 +350,9 @@ def test_random_bytes(world, stub, tmp_path):
     meta = json.loads((adapter / "adapter.json").read_text())
     meta["sha256"]["adapter.safetensors"] = sha256_file(adapter / "adapter.safetensors")
     (adapter / "adapter.json").write_bytes(canonical_json(meta))
-    sid = upload_refused(world, stub, adapter, Code.INVALID_ARGUMENT, "not a valid safetensors file")
+    sid = upload_refused(
+        world, stub, adapter, Code.INVALID_ARGUMENT, "adapter.safetensors: not a safetensors file"
+    )
     assert_rejected_and_gone(world, sid, "safetensors")
 
 
@@ -371,7 +374,9 @@ def test_a_pickle_named_safetensors_is_never_loaded(world, stub, tmp_path):
     meta = json.loads((adapter / "adapter.json").read_text())
     meta["sha256"]["adapter.safetensors"] = sha256_file(adapter / "adapter.safetensors")
     (adapter / "adapter.json").write_bytes(canonical_json(meta))
-    sid = upload_refused(world, stub, adapter, Code.INVALID_ARGUMENT, "not a valid safetensors file")
+    sid = upload_refused(
+        world, stub, adapter, Code.INVALID_ARGUMENT, "adapter.safetensors: not a safetensors file"
+    )
     assert not Path(trap.marker).exists()
     assert_rejected_and_gone(world, sid)
 

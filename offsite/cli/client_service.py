@@ -58,7 +58,9 @@ def register(cmds: argparse._SubParsersAction) -> None:
         "owner key of your enrolment package before anything else, then every file against the signed "
         "manifest, chunk by chunk. An interrupted download resumes when you run the command again.",
     )
-    p.add_argument("job", metavar="JOB")
+    p.add_argument(
+        "job", metavar="JOB", help="the job whose bundle to fetch (`offsite client jobs` lists them)"
+    )
     p.add_argument("--out", type=Path, required=True, help="bundle directory to create")
     _connection_arguments(p)
     p.set_defaults(func=cmd_fetch)
@@ -84,7 +86,12 @@ def register(cmds: argparse._SubParsersAction) -> None:
         description="Ask the server for the state of SUBMISSION_ID, or of every submission made from this "
         "machine.",
     )
-    p.add_argument("submission_ids", nargs="*", metavar="SUBMISSION_ID")
+    p.add_argument(
+        "submission_ids",
+        nargs="*",
+        metavar="SUBMISSION_ID",
+        help="submissions to show (default: every submission this machine made)",
+    )
     _connection_arguments(p)
     p.set_defaults(func=cmd_status)
 
@@ -108,7 +115,7 @@ def register_keys(cmds: argparse._SubParsersAction) -> None:
         "must be for this machine's TLS key and come from the CA in the package, and the owner must have "
         "enrolled this machine's receipt key. Replaces an earlier package.",
     )
-    p.add_argument("package", type=Path, metavar="DIR")
+    p.add_argument("package", type=Path, metavar="DIR", help="the enrolment package directory the owner sent")
     p.add_argument("--dir", "--keys-dir", dest="dir", type=Path, default=None, help="credentials directory")
     p.add_argument("--json", action="store_true", help="print the enrolment as JSON")
     p.set_defaults(func=cmd_keys_install)
@@ -199,7 +206,6 @@ def _bars(enabled: bool) -> Iterator[Callable]:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    import json
 
     with _client(args) as c:
         jobs = c.list_jobs()
@@ -209,13 +215,13 @@ def cmd_jobs(args: argparse.Namespace) -> int:
                 manifest = c.verified_manifest(job)
                 signed = "ok"
             except Exception as e:  # noqa: BLE001 - shown, and `fetch` refuses it
-                manifest, signed = json.loads(job.manifest) if job.manifest else {}, f"BAD: {e}"
+                manifest, signed = None, f"BAD: {e}"
             rows.append(
                 {
                     "job_id": job.job_id,
                     "bundle_id": job.bundle_id,
                     "signature": signed,
-                    "model_type": (manifest.get("source") or {}).get("model_type", "?"),
+                    "model_type": manifest.source.model_type if manifest is not None else "?",
                     "max_epsilon": job.policy.max_epsilon,
                     "max_delta": job.policy.max_delta,
                     "allow_no_dp": job.policy.allow_no_dp,

@@ -104,14 +104,26 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Full fine-tuning of every block: the 'full fine-tuned' row of the five-setting "
         "comparison. Not part of offsite-tuning: it needs the model and the data in one place.",
     )
-    p.add_argument("model", type=Path)
-    p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-labels", type=int, default=None)
+    p.add_argument("model", type=Path, help="local Hugging Face checkpoint directory (safetensors)")
+    p.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="training records (JSONL/CSV/text; the fields the model's task needs, see the README)",
+    )
+    p.add_argument(
+        "--out", type=Path, required=True, help="directory for the fine-tuned checkpoint (must not exist)"
+    )
+    p.add_argument("--epochs", type=int, default=3, help="passes over the data (default 3)")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
+    p.add_argument("--batch-size", type=int, default=16, help="records per optimizer step (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="seed for data order and a new head (default 0)")
+    p.add_argument(
+        "--num-labels",
+        type=int,
+        default=None,
+        help="encoders: fine-tune for classification with this many labels (new head + pooler)",
+    )
     p.set_defaults(func=cmd_finetune_full)
     owner_service.register(cmds)
 

@@ -85,7 +85,7 @@ def register(cmds: argparse._SubParsersAction) -> None:
         description="Mark CLIENT_ID revoked. A running server refuses its next call and ends its open "
         "streams within a second; its accepted submissions stay on record.",
     )
-    p.add_argument("client_id", metavar="CLIENT_ID")
+    p.add_argument("client_id", metavar="CLIENT_ID", help="the enrolled client to revoke")
     add_state_argument(p)
     p.add_argument("--reason", default="revoked by the owner", help="recorded with the revocation")
     p.add_argument("--json", action="store_true", help="print the result as JSON")

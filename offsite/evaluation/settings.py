@@ -114,6 +114,7 @@ def evaluate_settings(task_file: str | os.PathLike, kind: str, inputs: EvalInput
                 expected_tensors=bundle.expected_tensors,
                 bundle_id=bundle.id,
                 source_fingerprint=bundle.source_fingerprint,
+                expected_spec=bundle.spec,
             )
             view.load_state_dict(a.tensors)
         return score(model, tokenizer, records, kind)

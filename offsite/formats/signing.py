@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from offsite import crypto
-from offsite.errors import FormatError, IntegrityError
+from offsite.errors import IntegrityError
 
 MANIFEST_SIGNATURE = "manifest.sig"
 OWNER_PRIVATE_KEY = "owner_signing_key.pem"
@@ -65,12 +65,12 @@ def verify_manifest(manifest: bytes, signature_file: bytes, owner_key: Ed25519Pu
         ) from None
 
 
-def check_bundle_signature(bundle_dir: Path, manifest: bytes, owner_key: Ed25519PublicKey | None) -> str:
-    """Apply the rules above to a bundle directory; return "verified", "unchecked" or "unsigned"."""
-    sig_path = Path(bundle_dir) / MANIFEST_SIGNATURE
-    if sig_path.is_symlink() or (sig_path.exists() and not sig_path.is_file()):
-        raise FormatError(f"{sig_path} must be a regular file")
-    if not sig_path.exists():
+def check_bundle_signature(
+    bundle_dir: Path, manifest: bytes, signature: bytes | None, owner_key: Ed25519PublicKey | None
+) -> str:
+    """Apply the rules above to a bundle's manifest bytes and the bytes of its ``manifest.sig`` (None if
+    it has none); return "verified", "unchecked" or "unsigned"."""
+    if signature is None:
         warnings.warn(
             UnverifiedBundleWarning(
                 f"bundle {bundle_dir} has no owner signature ({MANIFEST_SIGNATURE}): its files match its "
@@ -79,7 +79,6 @@ def check_bundle_signature(bundle_dir: Path, manifest: bytes, owner_key: Ed25519
             stacklevel=3,
         )
         return "unsigned"
-    signature = sig_path.read_bytes()
     if owner_key is None:
         warnings.warn(
             UnverifiedBundleWarning(

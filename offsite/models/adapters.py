@@ -10,41 +10,26 @@ the full model, and plug-in is by explicit index, never by position.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
+from offsite.formats.spec import BLOCKS, HEAD_PREFIX, LORA, AdapterSpec
 from offsite.models.lora import LoRALinear, inject_lora
 from offsite.models.registry import Task, architecture_for, base_prefix, get_blocks
 
-BLOCKS = "blocks"
-LORA = "lora"
-HEAD_PREFIX = "head."
-
-
-@dataclass(frozen=True)
-class AdapterSpec:
-    kind: str  # BLOCKS or LORA
-    layers: tuple[int, ...]  # full-model indices, bottom then top
-    lora_rank: int | None = None
-    lora_alpha: float | None = None
-    trains_head: bool = False  # encoders fine-tuned for classification train head + pooler
-
-    def to_json(self) -> dict:
-        d = asdict(self)
-        d["layers"] = list(self.layers)
-        return d
-
-    @classmethod
-    def from_json(cls, d: Mapping) -> AdapterSpec:
-        return cls(
-            kind=str(d["kind"]),
-            layers=tuple(int(i) for i in d["layers"]),
-            lora_rank=d.get("lora_rank"),
-            lora_alpha=d.get("lora_alpha"),
-            trains_head=bool(d.get("trains_head", False)),
-        )
+__all__ = [
+    "BLOCKS",
+    "HEAD_PREFIX",
+    "LORA",
+    "AdapterSpec",
+    "AdapterView",
+    "adapter_layers",
+    "head_parameter_names",
+    "identity_positions",
+    "positions_from_layer_map",
+    "task_of",
+]
 
 
 def adapter_layers(total: int, bottom: int, top: int) -> tuple[int, ...]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -37,7 +36,8 @@ def export_peft(view: AdapterView, out_dir: Path, task: Task) -> None:
     """Write a PEFT LoRA adapter (renumbered to full-model layers) that ``PeftModel.from_pretrained``
     loads onto the original checkpoint to give the merged model's outputs."""
     model = view.model
-    assert view.spec.kind == LORA
+    if view.spec.kind != LORA:
+        raise ValueError("only LoRA adapters have a PEFT form")
     prefix = blocks_path(model)
     targets: list[str] = []
     tensors: dict[str, torch.Tensor] = {}
@@ -64,20 +64,20 @@ def export_peft(view: AdapterView, out_dir: Path, task: Task) -> None:
         params = dict(model.named_parameters())
         for n in head_names:
             tensors[f"base_model.model.{n}"] = params[n].detach().cpu().contiguous().clone()
-    config = {
-        "peft_type": "LORA",
-        "task_type": _PEFT_TASK[task],
-        "r": view.spec.lora_rank,
-        "lora_alpha": view.spec.lora_alpha,
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "fan_in_fan_out": fan_in_fan_out,
-        "target_modules": targets,
-        "modules_to_save": modules_to_save,
-        "init_lora_weights": True,
-        "inference_mode": True,
-        "base_model_name_or_path": None,
-    }
+    from peft import LoraConfig
+
+    config = LoraConfig(
+        task_type=_PEFT_TASK[task],
+        r=view.spec.lora_rank,
+        lora_alpha=view.spec.lora_alpha,
+        lora_dropout=0.0,
+        bias="none",
+        fan_in_fan_out=fan_in_fan_out,
+        target_modules=targets,
+        modules_to_save=modules_to_save,
+        init_lora_weights=True,
+        inference_mode=True,
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out_dir / "adapter_model.safetensors"))
-    (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    config.save_pretrained(str(out_dir))  # adapter_config.json, written by PEFT itself

@@ -1,1 +1,12 @@
+"""Privacy: accounting, budget histories, receipts and the dataset fingerprint."""
 
+from offsite import lazy_exports
+
+_EXPORTS = {
+    "epsilon": "offsite.privacy.accounting",
+    "calibrate_noise": "offsite.privacy.accounting",
+    "verify_receipt": "offsite.privacy.receipt",
+}
+__all__ = list(_EXPORTS)
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

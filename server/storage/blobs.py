@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from offsite.errors import IntegrityError
-from offsite.pki import fsync_dir
+from offsite.fileio import fsync_directory
 from offsite.server.errors import NotFoundError
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -86,7 +86,7 @@ class BlobStore:
         dest = self.path(sha256)
         fsync_file(tmp)
         os.replace(tmp, dest)
-        fsync_dir(dest.parent)
+        fsync_directory(dest.parent)
         return dest
 
     def put_file(self, src: str | os.PathLike, sha256: str, move: bool = False) -> Path:
