@@ -12,7 +12,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -30,7 +30,8 @@ from offsite.models.registry import Task
 from offsite.privacy import history
 from offsite.privacy.fingerprint import dataset_fingerprint
 from offsite.privacy.receipt import build_receipt, write_receipt
-from offsite.training.dp import DPPlan, DPTrainState, make_plan, train_dp
+from offsite.training.dp import DPPlan, DPTrainState, default_delta, make_plan, train_dp
+from offsite.training.dp_defaults import DPDefaults, dp_defaults, size_bucket
 from offsite.training.finetune import TrainConfig, mean_loss, train
 
 
@@ -54,6 +55,9 @@ class TuneOptions:
     checkpoint_every: int = 20
     keys_dir: Path | None = None  # signing key and salt: required under DP
     budget_dir: Path | None = None  # budget histories: required under DP
+    # Under DP, these of ("batch_size", "epochs", "lr") come from offsite.training.dp_defaults (from
+    # the size bucket and the budget) instead of the fields above: the ones the user did not give.
+    dp_defaults_for: tuple[str, ...] = ()
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "physical_batch_size", "checkpoint_every"):
@@ -143,6 +147,7 @@ def tune(
     on_eval: Callable[[int, float], None] | None = None,
     on_plan: Callable[[DPPlan], None] | None = None,
     on_total: Callable[[int], None] | None = None,
+    on_defaults: Callable[[DPDefaults], None] | None = None,
 ) -> TuneResult:
     """Fine-tune the adapter of ``bundle_dir`` on ``data``; write ``out`` (adapter, and under DP the receipt).
 
@@ -160,6 +165,8 @@ def tune(
             raise DataError("--dataset-id is required under DP: the budget is tracked per dataset")
         history.validate_dataset_id(opts.dataset_id)
     inputs = load_for_tuning(bundle_dir, data, opts)
+    if opts.dp and opts.dp_defaults_for:
+        opts = _with_dp_defaults(opts, len(inputs.train), inputs.bundle.spec.kind, on_defaults)
     torch.manual_seed(opts.seed)
     shift = inputs.bundle.task is Task.CAUSAL_LM
     pad = inputs.tokenizer.pad_token_id
@@ -237,6 +244,16 @@ def tune(
 
 
 # -- DP ---------------------------------------------------------------------------------
+def _with_dp_defaults(opts: TuneOptions, n_train: int, adapter_kind: str, on_defaults) -> TuneOptions:
+    """``opts`` with the DP defaults filled in where asked; the rule sees the size bucket, never N."""
+    bucket = size_bucket(n_train)
+    delta = opts.delta if opts.delta is not None else default_delta(bucket)
+    chosen = dp_defaults(bucket, opts.epsilon, delta, adapter_kind)
+    if on_defaults:
+        on_defaults(chosen)
+    return replace(opts, **{name: getattr(chosen, name) for name in opts.dp_defaults_for})
+
+
 @dataclass
 class DataOwnerKeys:
     private_key: Ed25519PrivateKey

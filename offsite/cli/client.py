@@ -25,9 +25,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("bundle", type=Path, help="bundle directory from the model owner")
     p.add_argument("--data", type=Path, required=True, help="training records (JSONL, CSV or text)")
     p.add_argument("--out", type=Path, required=True, help="adapter directory to create")
-    p.add_argument("--epochs", type=int, default=3, help="passes over the data (default 3)")
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
-    p.add_argument("--batch-size", type=int, default=16, help="batch size (default 16)")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="passes over the data (default: under DP the DP default, see below; without DP 3)",
+    )
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="learning rate (default: under DP the DP default; without DP 1e-3)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="batch size; under DP the expected batch of Poisson sampling (default: under DP the DP "
+        "default; without DP 16)",
+    )
     p.add_argument("--seed", type=int, default=0, help="data order, initialisation and dropout")
     p.add_argument("--eval-data", type=Path, default=None, help="records for the per-epoch eval loss")
     p.add_argument(
@@ -64,7 +80,12 @@ def add_dp_arguments(p: argparse.ArgumentParser) -> None:
         "DP-SGD: Poisson sampling, per-sample clipping and Gaussian noise. One record is the unit "
         "protected. --epsilon is the TOTAL budget of --dataset-id at δ: earlier runs on the same dataset "
         "(recorded on this machine) are composed with this one, and σ is the smallest noise that stays "
-        "within it. Sampling and noise use the operating system's randomness, never --seed.",
+        "within it. Sampling and noise use the operating system's randomness, never --seed. DP defaults: "
+        "tuning DP settings by trial would spend budget, so --batch-size, --epochs and --lr, when not "
+        "given, follow a documented rule (offsite.training.dp_defaults, docs/privacy.md) from the "
+        "dataset's size bucket (the power of two at or above its record count), ε, δ and the adapter "
+        "kind; the chosen values are printed, flags you give always win, and a warning says when the "
+        "data is too small for the budget to buy much.",
     )
     g.add_argument("--dataset-id", help="name of the private dataset whose budget this run spends")
     g.add_argument("--epsilon", type=float, default=None, help="total ε budget for --dataset-id")
@@ -116,10 +137,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         err_console.print(
             "[bold red]noise is seeded (test only): this run is NOT private; the receipt says so[/bold red]"
         )
+    # Hyperparameters not given: under DP the DP defaults choose them once the data's size bucket is
+    # known; without DP TuneOptions' own defaults apply.
+    given = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size}
     opts = TuneOptions(
-        epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
+        **{name: value for name, value in given.items() if value is not None},
+        dp_defaults_for=tuple(name for name, value in given.items() if value is None)
+        if not args.no_dp
+        else (),
         seed=args.seed,
         eval_data=args.eval_data,
         eval_fraction=args.eval_fraction,
@@ -151,6 +176,20 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "swamp the gradient and the adapter will learn almost nothing"
             )
 
+    chosen_defaults: dict = {}
+
+    def on_defaults(d) -> None:
+        from offsite.training.dp_defaults import describe
+
+        chosen_defaults.update(d.to_json())
+        picked = ", ".join(f"--{n.replace('_', '-')}" for n in opts.dp_defaults_for)
+        err_console.print(
+            f"DP defaults for a dataset of at most {d.bucket} records at ε={d.epsilon:g}, δ={d.delta:g} "
+            f"({d.adapter_kind} adapter): {describe(d.to_json())}; used for {picked} (flags you give win)"
+        )
+        if d.warning:
+            warn(d.warning)
+
     def on_eval(epoch: int, loss: float) -> None:
         err_console.print(f"epoch {epoch}: eval loss {loss:.4f}")
 
@@ -164,6 +203,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             on_eval=on_eval,
             on_plan=on_plan,
             on_total=bar.set_total,
+            on_defaults=on_defaults,
         )
     if args.json:
         print_json(
@@ -172,6 +212,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "bundle_id": result.bundle_id,
                 "dp": opts.dp,
                 "plan": asdict(result.plan) if result.plan else None,
+                "dp_defaults": chosen_defaults or None,
                 "epsilon": result.receipt["epsilon"] if result.receipt else None,
                 "delta": result.receipt["delta"] if result.receipt else None,
                 "receipt": str(args.out / "receipt.json") if result.receipt else None,
