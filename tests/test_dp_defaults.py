@@ -83,6 +83,16 @@ def test_small_data_gets_larger_relative_batches_and_more_epochs():
     assert all(d.batch_size <= b // 2 for d, b in zip(rules, buckets, strict=True))
 
 
+def test_without_epsilon_the_rule_still_chooses_and_says_so():
+    # --noise-multiplier without --epsilon: the same batch, epochs and lr; no σ of its own, no warning.
+    d = dp_defaults(512, None, 1e-4, LORA)
+    assert (d.batch_size, d.epochs, d.lr) == (128, 16, 3e-3)
+    assert d.summary() == (
+        "DP defaults for a dataset of at most 512 records at a given σ, δ=0.0001 (lora adapter): "
+        "batch 128, 16 epochs, lr 0.003"
+    )
+
+
 def test_warns_when_the_data_is_too_small_for_the_budget():
     big = dp_defaults(4096, 8.0, 1e-5, BLOCKS)
     assert big.warning is None and big.noise_multiplier / big.batch_size <= NOISY_STEP

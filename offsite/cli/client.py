@@ -179,14 +179,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     chosen_defaults: dict = {}
 
     def on_defaults(d) -> None:
-        from offsite.training.dp_defaults import describe
-
         chosen_defaults.update(d.to_json())
         picked = ", ".join(f"--{n.replace('_', '-')}" for n in opts.dp_defaults_for)
-        err_console.print(
-            f"DP defaults for a dataset of at most {d.bucket} records at ε={d.epsilon:g}, δ={d.delta:g} "
-            f"({d.adapter_kind} adapter): {describe(d.to_json())}; used for {picked} (flags you give win)"
-        )
+        err_console.print(f"{d.summary()}; used for {picked} (flags you give win)")
         if d.warning:
             warn(d.warning)
 

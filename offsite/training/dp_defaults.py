@@ -88,6 +88,14 @@ class DPDefaults:
     def to_json(self) -> dict:
         return asdict(self)
 
+    def summary(self) -> str:
+        """One line for the terminal: the bucket, the budget and what was chosen."""
+        budget = f"ε={self.epsilon:g}" if self.epsilon is not None else "a given σ"
+        return (
+            f"DP defaults for a dataset of at most {self.bucket} records at {budget}, δ={self.delta:g} "
+            f"({self.adapter_kind} adapter): {describe(self.to_json())}"
+        )
+
 
 def dp_defaults(bucket: int, epsilon: float | None, delta: float, adapter_kind: str) -> DPDefaults:
     """The rule of the module docstring. ``epsilon`` None (σ given directly): no σ, no warning."""
