@@ -6,7 +6,7 @@ One training run in the game of ``offsite.privacy.canaries`` (Steinke, Nasr and 
    with probability ½, plus *filler* records that are always included: the auditor's own public data
    (``data``) or random records made here. A canary is a string of words drawn uniformly from the bundle's
    tokenizer (for a classifier, with a uniformly random label): nothing but memorising it makes its loss
-   fall, so its loss is a clean membership signal.
+   fall more than that of the canaries left out, so its loss is a clean membership signal.
 2. **Training through the same code path as a data owner's run**: ``offsite.training.dp.train_dp`` on the
    bundle's emulator and initial adapter (Poisson sampling and noise from ChaCha20 keyed from the OS,
    per-sample clipping, division by the nominal batch, AdamW), with the plan (σ, q, steps, C, δ, nominal
@@ -19,7 +19,8 @@ One training run in the game of ``offsite.privacy.canaries`` (Steinke, Nasr and 
    TPR at FPR 1% (``offsite.privacy.canaries``), and the accountant's ε for the same settings (PRV upper
    bound). The audit fails when the lower bound exceeds it.
 
-Nothing here reads budgets, keys or private data, and nothing is written to disk.
+Nothing here reads budgets, keys or private data, and no output is written (the bundle is read through
+its usual private copy, removed afterwards).
 """
 
 from __future__ import annotations
@@ -48,10 +49,6 @@ from offsite.training.dp import DPPlan, size_bucket, train_dp
 from offsite.training.losses import per_sample_loss
 from offsite.tune import data_kind
 
-#: Defaults measured on the tests' tiny models (docs/privacy.md, "Auditing the implementation").
-DEFAULT_CANARIES = 1000
-DEFAULT_CANARY_WORDS = 12
-DEFAULT_LR = 1e-2
 #: A canary needs this many distinct plain words to choose from, or canaries would repeat.
 MIN_WORDS = 8
 #: The audit set's expected size must sit this many standard deviations (of the number of included
@@ -205,10 +202,10 @@ def settings_from_receipt(path: str | os.PathLike) -> AuditSettings:
 
 @dataclass
 class AuditOptions:
-    canaries: int = DEFAULT_CANARIES
-    canary_words: int = DEFAULT_CANARY_WORDS
-    lr: float = DEFAULT_LR
-    physical_batch_size: int = 64
+    canaries: int = stats.DEFAULT_CANARIES
+    canary_words: int = stats.DEFAULT_CANARY_WORDS
+    lr: float = stats.DEFAULT_LR
+    physical_batch_size: int = stats.DEFAULT_PHYSICAL_BATCH
     seed: int | None = None  # canaries' content and inclusion; None: drawn from the OS (and reported)
     confidence: float = stats.CONFIDENCE
     data: Path | None = None  # the auditor's public filler records; None: random ones
@@ -269,6 +266,11 @@ class CanaryAuditResult:
         """The lower bound exceeds the accountant's ε: the implementation leaks more than it claims."""
         return self.accountant_epsilon is not None and self.bound.epsilon > self.accountant_epsilon
 
+    @property
+    def could_fail(self) -> bool:
+        """Whether any outcome of this audit could have exceeded the accountant's ε."""
+        return self.accountant_epsilon is not None and self.bound.max_epsilon > self.accountant_epsilon
+
     def to_dict(self) -> dict:
         s = self.settings
         return {
@@ -277,6 +279,7 @@ class CanaryAuditResult:
             "epsilon_lower_bound": self.bound.epsilon,
             "accountant_epsilon": self.accountant_epsilon,
             "accountant": "prv_upper" if s.dp else None,
+            "could_fail": self.could_fail,
             "confidence": self.bound.confidence,
             "auroc": self.auroc,
             "tpr_at_fpr": {"fpr": stats.REPORTED_FPR, "tpr": self.tpr_at_fpr},
@@ -427,11 +430,21 @@ def run_canary_audit(
     *,
     on_total: Callable[[int], None] | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    on_warning: Callable[[str], None] | None = None,
 ) -> CanaryAuditResult:
-    """Build the audit set, train with ``settings`` through ``train_dp``, score and bound (module doc)."""
+    """Build the audit set, train with ``settings`` through ``train_dp``, score and bound (module doc).
+
+    ``on_warning`` hears, before training, that the accountant's ε is beyond what m canaries can show."""
     started = time.perf_counter()
     opts.validate()
     accountant_eps = settings.accountant_epsilon()  # before training: a setting it refuses fails now
+    reachable = stats.max_epsilon(opts.canaries, settings.delta, opts.confidence)
+    if on_warning and accountant_eps is not None and accountant_eps >= reachable:
+        on_warning(
+            f"with {opts.canaries} canaries at δ={settings.delta:g} this audit cannot show more than "
+            f"ε ≥ {reachable:.2f} (every guess right), so it cannot fail a claim of ε = {accountant_eps:.2f}: "
+            "a pass says nothing here (docs/privacy.md: the ceiling rises with m only when δ is well below 1/m)"
+        )
     seed = secrets.randbits(63) if opts.seed is None else opts.seed
     torch.manual_seed(seed % 2**32)  # dropout, if the model has any
     with Bundle.open(bundle_dir) as bundle:

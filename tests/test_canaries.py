@@ -15,7 +15,13 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from tiny import make_tiny_checkpoint
 
-from offsite.canary_audit import AuditOptions, default_bucket, settings_from_flags
+from offsite.canary_audit import (
+    AuditOptions,
+    default_bucket,
+    run_canary_audit,
+    settings_from_flags,
+    settings_from_receipt,
+)
 from offsite.cli.main import main
 from offsite.errors import OffsiteError
 from offsite.prepare import PrepareOptions, prepare
@@ -27,6 +33,7 @@ from offsite.privacy.canaries import (
     epsilon_lower_bound,
     guess_accuracy,
     hypotheses,
+    max_epsilon,
     one_run_lower_bound,
     p_value,
     tpr_at_fpr,
@@ -115,6 +122,21 @@ def test_perfect_guesses_give_a_large_bound_and_random_ones_about_zero():
     assert max(random_bounds) < 0.5 and sum(b > 0 for b in random_bounds) <= 1
 
 
+def test_the_most_an_audit_can_show_is_every_guess_right():
+    """The bound grows with the number of correct guesses, so all-correct is the most m canaries can show."""
+    each = 0.05 / len(hypotheses(200))
+    bounds = [epsilon_lower_bound(200, 200, v, 1e-5, each) for v in range(0, 201, 4)]
+    assert bounds == sorted(bounds)
+    assert max_epsilon(200, 1e-5) == max(
+        epsilon_lower_bound(200, h.guesses, h.guesses, 1e-5, each) for h in hypotheses(200)
+    )
+    assert max_epsilon(1000, 1e-5) == pytest.approx(5.04, abs=0.01)  # a claim of ε = 8 cannot fail
+    # δ = 1e-3 is not far below 1/m: the δ term 2·m·δ·α takes most of what 200 canaries could show.
+    assert max_epsilon(200, 1e-3) < max_epsilon(200, 1e-5) / 2
+    scores = np.arange(1000.0)
+    assert one_run_lower_bound(scores, scores >= 500, 1e-5).epsilon == max_epsilon(1000, 1e-5)
+
+
 def test_hypotheses_are_fixed_by_m_and_guesses_are_counted_from_the_scores():
     hs = hypotheses(1000)
     assert hs == hypotheses(1000) and len(hs) == 14
@@ -182,14 +204,15 @@ def test_without_dp_the_audit_shows_epsilon_above_one_with_1000_canaries(bundle,
     assert report["auroc"] > 0.75
 
 
-def _receipt(path, sigma: float, q: float, steps: int, bucket: int, nominal: int, delta: float):
-    """A signed version-2 receipt for one DP run with these settings, as `client train` builds one."""
+def _receipt(path, sigma: float, q: float, steps: int, bucket: int, nominal: int, delta: float, extra=()):
+    """A signed version-2 receipt for a DP run with these settings (and ``extra`` phases), as `client
+    train` builds one."""
     key = Ed25519PrivateKey.generate()
-    phase = accounting.make_entry(sigma, q, steps)
-    eps = accounting.epsilon_prv([phase], delta)
+    phases = [accounting.make_entry(sigma, q, steps), *extra]
+    eps = accounting.epsilon_prv(phases, delta)
     receipt = build_receipt(
-        run_history=[phase],
-        cumulative_history=[{**phase, "run_id": "0" * 32}],
+        run_history=phases,
+        cumulative_history=[{**phase, "run_id": "0" * 32} for phase in phases],
         delta=delta,
         max_grad_norm=1.0,
         size_bucket=bucket,
@@ -206,40 +229,64 @@ def _receipt(path, sigma: float, q: float, steps: int, bucket: int, nominal: int
     return write_receipt(path, receipt, key)
 
 
-def test_with_dp_at_epsilon_8_the_audit_stays_below_the_accountant(bundle, tmp_path, capsys):
-    q = NOMINAL / BUCKET
-    sigma = accounting.calibrate_noise([], q, STEPS, 8.0, DELTA)
-    receipt = _receipt(tmp_path / "adapter", sigma, q, STEPS, BUCKET, NOMINAL, DELTA)
-    code, report = _audit(capsys, bundle, "--receipt", receipt)
-    print("DP:", {k: report[k] for k in ("epsilon_lower_bound", "accountant_epsilon", "auroc", "seconds")})
-    assert code == 0 and report["verdict"] == "pass"
+#: A run the audit can fail: without noise these settings give bounds of about 2 with 200 canaries (the
+#: test below), so a claim of ε = 0.5 is within reach.
+SMALL = {"m": 200, "bucket": 256, "nominal": 32, "steps": 64, "epsilon": 0.5}
+
+
+@pytest.fixture(scope="module")
+def small_receipt(tmp_path_factory):
+    q = SMALL["nominal"] / SMALL["bucket"]
+    sigma = accounting.calibrate_noise([], q, SMALL["steps"], SMALL["epsilon"], DELTA)
+    path = tmp_path_factory.mktemp("receipt") / "adapter"
+    return _receipt(path, sigma, q, SMALL["steps"], SMALL["bucket"], SMALL["nominal"], DELTA)
+
+
+def test_with_dp_the_audit_stays_below_the_accountant_it_could_exceed(bundle, small_receipt, capsys):
+    code, report = _audit(capsys, bundle, "--receipt", small_receipt, "--canaries", SMALL["m"])
+    print("DP, ε=0.5:", {k: report[k] for k in ("epsilon_lower_bound", "accountant_epsilon", "auroc")})
+    assert code == 0 and report["ok"] is True and report["verdict"] == "pass"
     settings = report["settings"]
-    assert settings["noise_multiplier"] == pytest.approx(sigma) and settings["steps"] == STEPS
+    assert (settings["steps"], settings["size_bucket"], settings["nominal_batch"]) == (64, 256, 32)
     assert settings["stated_epsilon"] == pytest.approx(report["accountant_epsilon"], abs=1e-6)
-    assert report["accountant_epsilon"] == pytest.approx(8.0, abs=0.01)
+    assert report["accountant_epsilon"] == pytest.approx(SMALL["epsilon"], abs=0.01)
+    assert report["could_fail"] is True and report["lower_bound"]["max_epsilon"] > 3
     assert report["epsilon_lower_bound"] < report["accountant_epsilon"]
 
 
-def test_a_dp_sgd_that_forgets_its_noise_fails_the_audit(bundle, capsys, monkeypatch):
-    """The bug the audit exists for: the noise is drawn but never added. Settings claiming ε = 0.5."""
+def test_a_dp_sgd_that_forgets_its_noise_fails_the_audit(bundle, small_receipt, capsys, monkeypatch):
+    """The bug the audit exists for: the noise is drawn but never added, at the same settings as above."""
     real = dp.add_noise_and_scale
     monkeypatch.setattr(
         dp, "add_noise_and_scale", lambda params, noise, std, nominal: real(params, noise, 0.0, nominal)
     )
-    q, steps = 32 / 256, 64
-    sigma = accounting.calibrate_noise([], q, steps, 0.5, DELTA)
-    flags = {
-        "--canaries": 200,
-        "--noise-multiplier": sigma,
-        "--sample-rate": q,
-        "--steps": steps,
-        "--delta": DELTA,
-    }
-    code, report = _audit(capsys, bundle, *itertools.chain(*flags.items()))
+    code, report = _audit(capsys, bundle, "--receipt", small_receipt, "--canaries", SMALL["m"])
     print("no noise, claiming ε=0.5:", {k: report[k] for k in ("epsilon_lower_bound", "accountant_epsilon")})
     assert code == 1 and report["ok"] is False and report["verdict"] == "fail"
-    assert report["settings"]["size_bucket"] == 256
     assert report["epsilon_lower_bound"] > report["accountant_epsilon"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_a_claim_out_of_reach_is_said_before_training(bundle, tmp_path):
+    """With 1000 canaries no outcome shows more than about 5: an ε = 8 run cannot fail, and the auditor
+    hears it before any training."""
+    q = NOMINAL / BUCKET
+    receipt = _receipt(
+        tmp_path / "a", accounting.calibrate_noise([], q, STEPS, 8.0, DELTA), q, STEPS, BUCKET, NOMINAL, DELTA
+    )
+
+    class Stop(Exception):
+        pass
+
+    def on_warning(message):
+        raise Stop(message)
+
+    def on_total(steps):
+        raise AssertionError("training started")
+
+    with pytest.raises(Stop, match=r"cannot show more than ε ≥ 5\.04 .* cannot fail a claim of ε = 8\.00"):
+        run_canary_audit(
+            bundle, settings_from_receipt(receipt), AuditOptions(), on_warning=on_warning, on_total=on_total
+        )
 
 
 def test_a_receipt_written_by_client_train_is_replayed(world, capsys):
@@ -285,7 +332,24 @@ def test_refusals_are_json_with_exit_2(bundle, tmp_path, capsys, world):
     data.write_text("".join(" ".join(random.choices(["the", "cat", "sat"], k=5)) + "\n" for _ in range(10)))
     assert "give between" in refused(world.bundle, "--receipt", receipt, "--canaries", 64, "--data", data)
     assert "--canaries must be a whole number ≥ 2" in refused(bundle, "--canaries", 1, "--no-dp", *SETTINGS)
+    # A receipt the audit cannot replay: two (σ, q) phases; a q that is not nominal_batch / size_bucket.
+    two = _receipt(
+        tmp_path / "two", 1.0, 0.125, 10, BUCKET, NOMINAL, DELTA, [accounting.make_entry(2.0, 0.125, 5)]
+    )
+    assert "2 phases" in refused(bundle, "--receipt", two)
+    off_grid = _receipt(tmp_path / "off-grid", 1.0, 0.1, 10, BUCKET, NOMINAL, DELTA)
+    assert "is not nominal_batch / size_bucket" in refused(bundle, "--receipt", off_grid)
     with pytest.raises(OffsiteError, match="--sample-rate must be at most 1"):
         settings_from_flags(noise_multiplier=1.0, sample_rate=2.0, steps=1, max_grad_norm=1.0, delta=1e-5)
     with pytest.raises(OffsiteError, match="--lr"):
         AuditOptions(lr=float("nan")).validate()
+
+
+def test_help_explains_the_command(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["audit", "canaries", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--receipt", "--noise-multiplier", "--sample-rate", "--steps", "--max-grad-norm", "--delta"):
+        assert flag in out
+    assert "--no-dp" in out and "95% confidence" in out and "(default 1000)" in out

@@ -143,7 +143,12 @@ def cmd_audit_receipt(args: argparse.Namespace) -> int:
 
 
 def register_canaries(cmds: argparse._SubParsersAction) -> None:
-    from offsite.canary_audit import DEFAULT_CANARIES, DEFAULT_CANARY_WORDS, DEFAULT_LR
+    from offsite.privacy.canaries import (
+        DEFAULT_CANARIES,
+        DEFAULT_CANARY_WORDS,
+        DEFAULT_LR,
+        DEFAULT_PHYSICAL_BATCH,
+    )
 
     p = cmds.add_parser(
         "canaries",
@@ -202,7 +207,10 @@ def register_canaries(cmds: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--lr", type=float, default=DEFAULT_LR, help=f"learning rate (default {DEFAULT_LR:g})")
     p.add_argument(
-        "--physical-batch-size", type=int, default=64, help="records per forward pass (default 64)"
+        "--physical-batch-size",
+        type=int,
+        default=DEFAULT_PHYSICAL_BATCH,
+        help=f"records per forward pass (default {DEFAULT_PHYSICAL_BATCH})",
     )
     p.add_argument(
         "--seed",
@@ -271,7 +279,9 @@ def cmd_audit_canaries(args: argparse.Namespace) -> int:
                     "[bold]--no-dp[/bold]: σ = 0, so nothing is private; this run shows what the audit detects"
                 )
             with step_bar("training with canaries" + ("" if settings.dp else " (NO DP)")) as bar:
-                result = run_canary_audit(args.bundle, settings, opts, on_total=bar.set_total, on_step=bar)
+                result = run_canary_audit(
+                    args.bundle, settings, opts, on_total=bar.set_total, on_step=bar, on_warning=warn
+                )
         except OSError as e:
             raise FormatError(f"cannot read {e.filename or 'a file'}: {e.strerror or e}") from e
     except OffsiteError as e:
@@ -313,6 +323,12 @@ def _print_canary_report(result) -> None:
         f"correct (k₊={best.k_plus}, k₋={best.k_minus})",
     )
     t.add_row(
+        "most this audit could show",
+        f"{b.max_epsilon:.3f}",
+        f"every guess right, {result.canaries} canaries"
+        + ("" if result.could_fail or not s.dp else ": cannot fail"),
+    )
+    t.add_row(
         "accountant ε (PRV upper)",
         "∞" if result.accountant_epsilon is None else f"{result.accountant_epsilon:.3f}",
         "no noise: no bound"
@@ -328,8 +344,8 @@ def _print_canary_report(result) -> None:
     console.print(t)
     if not s.dp:
         console.print(
-            f"[bold]no DP[/bold]: the audit shows ε ≥ {b.epsilon:.3f}; with DP at these settings it can only "
-            "fail if the implementation leaks more than the accountant allows"
+            f"[bold]no DP[/bold]: the audit shows ε ≥ {b.epsilon:.3f} when nothing is private: what it can "
+            "detect on this bundle at these settings"
         )
     elif result.failed:
         console.print(
@@ -340,5 +356,7 @@ def _print_canary_report(result) -> None:
     else:
         console.print(
             f"[green]pass[/green]: the lower bound {b.epsilon:.3f} is within the accountant's ε "
-            f"{result.accountant_epsilon:.3f} (a pass does not prove the claim: docs/privacy.md)"
+            f"{result.accountant_epsilon:.3f} (a pass does not prove the claim: docs/privacy.md"
+            + ("" if result.could_fail else "; and this audit could not have failed it")
+            + ")"
         )

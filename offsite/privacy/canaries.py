@@ -51,6 +51,13 @@ EPSILON_SEARCH_MAX = 50.0
 #: The FPR at which the TPR is reported.
 REPORTED_FPR = 0.01
 
+#: Defaults of the audit run (``offsite.canary_audit``; measured in docs/privacy.md), kept here so that the
+#: command line can show them without loading the model code.
+DEFAULT_CANARIES = 1000
+DEFAULT_CANARY_WORDS = 12
+DEFAULT_LR = 1e-2
+DEFAULT_PHYSICAL_BATCH = 64
+
 
 def guess_accuracy(epsilon: float) -> float:
     """p = e^ε / (1 + e^ε): how often a guess may be right under ε-DP (randomised response)."""
@@ -179,6 +186,8 @@ class OneRunBound:
     canaries: int
     significance_each: float
     results: tuple[HypothesisResult, ...]
+    max_epsilon: float
+    """The bound if every guess of some hypothesis were right: the most this audit could show."""
 
     @property
     def best(self) -> HypothesisResult:
@@ -191,6 +200,7 @@ class OneRunBound:
             "delta": self.delta,
             "canaries": self.canaries,
             "significance_each": self.significance_each,
+            "max_epsilon": self.max_epsilon,
             "best": self.best.to_dict(),
             "hypotheses": [h.to_dict() for h in self.results],
         }
@@ -200,19 +210,36 @@ def one_run_lower_bound(
     scores: Sequence[float], included: Sequence[bool], delta: float, confidence: float = CONFIDENCE
 ) -> OneRunBound:
     """The ε lower bound at ``confidence`` from one run's canary scores (higher = more likely in)."""
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
     s, inc = _as_arrays(scores, included)
     m = int(s.size)
     tried = hypotheses(m)
-    each = (1 - confidence) / len(tried)
+    each = _significance_each(m, confidence)
     results = []
     for h in tried:
         v = correct_guesses(s, inc, h)
         results.append(
             HypothesisResult(h.k_plus, h.k_minus, v, epsilon_lower_bound(m, h.guesses, v, delta, each))
         )
-    return OneRunBound(max(r.epsilon for r in results), confidence, float(delta), m, each, tuple(results))
+    best = max(r.epsilon for r in results)
+    return OneRunBound(
+        best, confidence, float(delta), m, each, tuple(results), max_epsilon(m, delta, confidence)
+    )
+
+
+def _significance_each(m: int, confidence: float) -> float:
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    return (1 - confidence) / len(hypotheses(m))
+
+
+def max_epsilon(m: int, delta: float, confidence: float = CONFIDENCE) -> float:
+    """The largest bound an audit of m canaries can report: every guess of some hypothesis right.
+
+    A claim at or above it cannot fail such an audit, however much the implementation leaks. (The bound
+    grows with the number of correct guesses, so all-correct is the most; the tests check that.)
+    """
+    each = _significance_each(m, confidence)
+    return max(epsilon_lower_bound(m, h.guesses, h.guesses, delta, each) for h in hypotheses(m))
 
 
 def auroc(scores: Sequence[float], included: Sequence[bool]) -> float | None:
