@@ -79,7 +79,7 @@ def test_without_delta_the_p_value_is_exactly_the_chance_of_randomised_response(
 
 
 def test_lower_bound_reproduces_the_papers_printed_values():
-    # Steinke, Nasr and Jagielski, arXiv:2305.08846: Appendix D's example (m=1000, r=100, v=75, δ=1e-4,
+    # Steinke, Nasr and Jagielski, arXiv:2305.08846: its appendix's example (m=1000, r=100, v=75, δ=1e-4,
     # 95%: ε ≥ 0.673) and §7 (m=100000, r=1510, v=1439, δ=1e-5, 95%: ε ≥ 2.675).
     assert epsilon_lower_bound(1000, 100, 75, 1e-4, 0.05) == pytest.approx(0.673, abs=1e-3)
     assert epsilon_lower_bound(100000, 1510, 1439, 1e-5, 0.05) == pytest.approx(2.6755, abs=1e-3)
@@ -289,7 +289,7 @@ def test_a_claim_out_of_reach_is_said_before_training(bundle, tmp_path):
         )
 
 
-def test_a_receipt_written_by_client_train_is_replayed(world, capsys):
+def test_a_receipt_written_by_client_train_is_replayed(world, capsys, tmp_path):
     receipt = json.loads((world.adapter / "receipt.json").read_bytes())
     code, report = _audit(capsys, world.bundle, "--receipt", world.adapter / "receipt.json", "--canaries", 64)
     assert code == 0 and report["verdict"] == "pass"
@@ -302,12 +302,16 @@ def test_a_receipt_written_by_client_train_is_replayed(world, capsys):
     assert settings["noise_multiplier"] == receipt["run_history"][0]["noise_multiplier"]
     assert settings["stated_epsilon"] == receipt["epsilon"]["this_run"]["prv_upper"]
     assert receipt["size_bucket"] / 2 < report["audit_set"]["records"] <= receipt["size_bucket"]
-    # Without --json: the settings, a table and the verdict.
+    assert report["audit_set"]["filler_source"] == "random"
+    # Without --json, and with the auditor's own public filler: the settings, a table and the verdict.
+    public = tmp_path / "public.jsonl"
+    public.write_text("".join(json.dumps({"text": f"the cat sat on mat {i}"}) + "\n" for i in range(64)))
     args = ["audit", "canaries", str(world.bundle), "--receipt", str(world.adapter / "receipt.json")]
-    assert main([*args, "--canaries", "64"]) == 0
+    assert main([*args, "--canaries", "64", "--data", str(public)]) == 0
     out = capsys.readouterr().out
     assert "ε lower bound (95%)" in out and "accountant ε (PRV upper)" in out and "AUROC" in out
     assert f"steps={settings['steps']}" in out and "pass" in out
+    assert "".join(f"64 filler ({public})".split()) in "".join(out.split())  # however rich wraps it
 
 
 # -- refusals (before any training) ----------------------------------------------------------------

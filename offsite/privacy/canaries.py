@@ -3,8 +3,8 @@
 The game: m canary records, each included in the training set independently with probability ½. After
 training, an auditor who sees the model (and the canaries, which are public) guesses "in" for some
 canaries, "out" for others, and abstains on the rest: r guesses in all, v of them correct. If the
-training is (ε, δ)-DP with respect to adding or removing one record, the paper's main theorem (its
-Corollary 5.4; the computation is its Appendix D) bounds how likely many correct guesses are:
+training is (ε, δ)-DP with respect to adding or removing one record, the paper's main result for
+approximate DP (computed as in the code of its appendix) bounds how likely many correct guesses are:
 
     P[V ≥ v] ≤ β + 2·m·δ·α,  where  β = P[Binomial(r, p) ≥ v],  p = e^ε / (1 + e^ε),
                                     α = max_{1 ≤ i ≤ v} P[v - i ≤ Binomial(r, p) < v] / i.
