@@ -8,8 +8,10 @@ writer, with real receipts signed by the data owners' keys (``tests/ledger_kit.p
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sqlite3
+import subprocess
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -462,3 +464,59 @@ def test_the_command_gates_a_pipeline(ledger, tmp_path, capsys):
     (tmp_path / "junk.json").write_bytes(b"{not json")
     code, _, err = run(capsys, "audit", "ledger", tmp_path / "junk.json")
     assert code == 2 and "ledger export" in err
+
+
+# ------------------------------------------------------------------------------------------ the HTML report
+
+
+def chromium() -> str:
+    """Debian's `chromium`; a missing browser skips the test, or fails it when OFFSITE_REQUIRE_CHROMIUM=1 (CI)."""
+    path = shutil.which("chromium")
+    if path is None:
+        if os.environ.get("OFFSITE_REQUIRE_CHROMIUM") == "1":
+            pytest.fail(
+                "OFFSITE_REQUIRE_CHROMIUM=1 but `chromium` is not installed (apt-get install chromium)"
+            )
+        pytest.skip(
+            "headless Chromium is not installed (Debian package `chromium`): the HTML plot is not rendered"
+        )
+    return path
+
+
+def headless(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    profile = tmp_path / f"profile-{len(list(tmp_path.iterdir()))}"
+    profile.mkdir()
+    flags = [
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={profile}",
+    ]  # fmt: skip
+    return subprocess.run(
+        [chromium(), *flags, *args], capture_output=True, timeout=180, check=True, stdin=subprocess.DEVNULL
+    )
+
+
+def test_the_html_report_is_self_contained_and_chromium_draws_its_plots(ledger, tmp_path):
+    from png import count_colour
+
+    from offsite.privacy.ledger_report import GRANT_COLOUR, PRV_COLOUR, render_html
+
+    report = audit_ledger(ledger["export"], owner_pubkey=ledger["pub"], checkpoints=ledger["checkpoints"])
+    html = render_html(report)
+    # nothing is fetched when it is viewed: no scripts, links, images or remote styles
+    for needle in ("<script", "src=", "href=", "url(", "@import", "https://"):
+        assert needle not in html
+    assert html.count('class="ledger-plot"') == 2 and html.count('<polyline class="eps"') == 2
+    page = tmp_path / "report.html"
+    page.write_text(html)
+    shot = tmp_path / "shot.png"
+    headless(tmp_path, f"--screenshot={shot}", "--window-size=1000,1500", "--hide-scrollbars", page.as_uri())
+
+    def rgb(colour: str) -> tuple[int, int, int]:
+        return int(colour[1:3], 16), int(colour[3:5], 16), int(colour[5:7], 16)
+
+    data = shot.read_bytes()
+    # the ε lines (3 px wide, across each plot) and the dashed grant lines are drawn: far more pixels of
+    # their colours than the legends and markers alone have (about 300 and 130)
+    assert count_colour(data, rgb(PRV_COLOUR)) > 800
+    assert count_colour(data, rgb(GRANT_COLOUR)) > 600

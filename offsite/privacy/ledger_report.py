@@ -8,6 +8,7 @@ opened offline. Every value from the ledger is escaped.
 
 from __future__ import annotations
 
+import math
 from html import escape
 
 from offsite.privacy.ledger_audit import DatasetReport, LedgerReport, parse_time
@@ -43,8 +44,11 @@ def _status(status: str) -> str:
 
 
 def _ticks(top: float, count: int = 5) -> list[float]:
-    step = top / count
-    return [step * i for i in range(count + 1)]
+    """Round tick values (1, 2 or 5 times a power of ten apart) from 0 up to ``top``."""
+    raw = top / count
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    return [step * i for i in range(int(top / step) + 1)]
 
 
 def plot(dataset: DatasetReport) -> str:
@@ -97,7 +101,7 @@ def plot(dataset: DatasetReport) -> str:
     for tick in _ticks(top):
         parts.append(
             f'<line x1="{LEFT}" x2="{LEFT + plot_w}" y1="{y(tick):.1f}" y2="{y(tick):.1f}" stroke="#e5e5e5"/>'
-            f'<text x="{LEFT - 6}" y="{y(tick) + 4:.1f}" font-size="11" text-anchor="end">{tick:.3g}</text>'
+            f'<text x="{LEFT - 6}" y="{y(tick) + 4:.1f}" font-size="11" text-anchor="end">{tick:g}</text>'
         )
     for p, anchor in ((points[0], "start"), (points[-1], "end")):
         xv = xs_raw[points.index(p)]
