@@ -127,7 +127,11 @@ def test_a_clean_ledger_passes_with_its_budgets_recomputed(ledger, source):
     assert clinic.spent_prv == pytest.approx(accounting.epsilon_prv(union, DELTA))
     assert clinic.spent_pld == pytest.approx(accounting.epsilon_pld(union, DELTA))
     assert clinic.spent_pld < clinic.spent_prv < 3.5  # two runs composed (3.25), not added (2 × 2.50)
-    assert clinic.accepted == 2 and clinic.runs == 2 and clinic.remaining == pytest.approx(3.5 - clinic.spent)
+    assert (
+        clinic.accepted == 2
+        and clinic.runs == 2
+        and clinic.remaining == pytest.approx(3.5 - clinic.spent_prv)
+    )
     assert [p.event for p in clinic.timeline] == ["grant", "submission", "submission"]
     assert report.clients["bob"].revoked_at_entry is not None and report.clients["bob"].non_private == 1
     assert json.loads(json.dumps(report.to_dict()))["verdict"] == "PASS"
@@ -159,7 +163,11 @@ def test_a_deleted_entry_is_named(ledger, tmp_path):
     es = entries(ledger)
     i = index_of(ledger, "submission", 1)
     del es[i]
-    assert first_bad(audit_export(tmp_path, with_entries(ledger, es), ledger)) == (i, "deleted")
+    report = audit_export(tmp_path, with_entries(ledger, es), ledger)
+    assert first_bad(report) == (i, "deleted")
+    # what the table shows stops at the bad entry, and says so
+    assert report.clients["alice"].datasets["clinic"].accepted == 1
+    assert report.clients["alice"].verdict == "unverified"
 
 
 def test_reordered_entries_are_named(ledger, tmp_path):

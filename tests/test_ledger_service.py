@@ -210,3 +210,18 @@ def test_a_non_private_adapter_is_recorded_without_a_budget(world, tmp_path):
     report = audit_ledger(state, owner_pubkey=pub, checkpoints=tmp_path / "alice" / "checkpoints")
     assert report.ok and report.clients["alice"].non_private == 1
     assert crypto.public_key_fingerprint(pub) == report.owner_key_fingerprint
+
+
+def test_the_server_needs_the_signing_key(world, tmp_path):
+    """Every acceptance is a signed ledger entry: without the owner's signing key the server refuses to start
+    (the CA key may stay offline, this one may not)."""
+    from offsite.errors import OffsiteError
+
+    state = copy_state(world, tmp_path / "owner")
+    (state / "signing" / "owner_signing_key.pem").unlink()
+    server = OffsiteServer(state, "127.0.0.1", 0)
+    try:
+        with pytest.raises(OffsiteError, match="no signing key"):
+            server.start()
+    finally:
+        server.state.close()

@@ -85,7 +85,7 @@ Delta = Annotated[float, Field(gt=0, lt=1)]
 class OpenRecord(Schema):
     """Entry 0: the ledger is opened under this owner key."""
 
-    kind: Literal["open"]
+    kind: Literal["open"] = Field(description="the record's kind")
     owner_key: PublicKeyB64 = Field(description="the owner's Ed25519 public key (base64 of the raw 32 bytes)")
     owner_key_fingerprint: Sha256Hex = Field(description="its sha256")
 
@@ -93,7 +93,7 @@ class OpenRecord(Schema):
 class EnrolRecord(Schema):
     """A data owner admitted: the keys its receipts and calls are checked against."""
 
-    kind: Literal["enrol"]
+    kind: Literal["enrol"] = Field(description="the record's kind")
     client_id: Name = Field(description="the data owner's id")
     receipt_key: PublicKeyB64 = Field(description="its receipt-signing Ed25519 public key (base64, raw)")
     receipt_key_fingerprint: Sha256Hex = Field(description="sha256 of the receipt key")
@@ -107,7 +107,7 @@ class EnrolRecord(Schema):
 class GrantRecord(Schema):
     """A budget (ε, δ) for one data owner's dataset; the latest grant for the pair is in force."""
 
-    kind: Literal["grant"]
+    kind: Literal["grant"] = Field(description="the record's kind")
     client_id: Name = Field(description="the data owner")
     dataset_id: DatasetId = Field(description="its dataset id (as in its receipts)")
     epsilon: Epsilon = Field(description="the most ε that the dataset's accepted runs may spend, composed")
@@ -128,7 +128,7 @@ class Spent(Schema):
 class SubmissionRecord(Schema):
     """An accepted submission, with the data owner's receipt exactly as it signed it."""
 
-    kind: Literal["submission"]
+    kind: Literal["submission"] = Field(description="the record's kind")
     submission_id: SubmissionId = Field(description="the submission")
     client_id: Name = Field(description="who submitted it")
     job_id: Name = Field(description="the job")
@@ -150,7 +150,7 @@ class SubmissionRecord(Schema):
 class PlugRecord(Schema):
     """The owner plugged an accepted submission into its model."""
 
-    kind: Literal["plug"]
+    kind: Literal["plug"] = Field(description="the record's kind")
     submission_id: SubmissionId = Field(description="the submission plugged in")
     client_id: Name = Field(description="whose it was")
     adapter_sha256: Sha256Hex = Field(description="the adapter plugged in")
@@ -159,7 +159,7 @@ class PlugRecord(Schema):
 class RevokeRecord(Schema):
     """A data owner revoked: its certificate is refused from then on."""
 
-    kind: Literal["revoke"]
+    kind: Literal["revoke"] = Field(description="the record's kind")
     client_id: Name = Field(description="the data owner")
     cert_sha256: Sha256Hex = Field(description="the revoked certificate's pin")
     reason: Annotated[str, StringConstraints(max_length=1000)] = Field(description="as the owner gave it")

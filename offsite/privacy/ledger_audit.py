@@ -36,8 +36,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
-import stat
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -48,10 +46,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from offsite import crypto
 from offsite.errors import FormatError, IntegrityError
-from offsite.fileio import canonical_json, read_bounded
+from offsite.fileio import read_bounded
 from offsite.formats import ledger as fmt
-from offsite.formats.signing import OWNER_PUBLIC_KEY
 from offsite.privacy import accounting, ledger_budget
+from offsite.privacy.ledger_source import Item, Source, read_source
 from offsite.privacy.receipt_audit import FAIL, OK, UNVERIFIED, Check
 from offsite.privacy.receipt_audit import _delta_vs_bucket as delta_vs_bucket  # the receipt audit's own rule
 from offsite.privacy.receipt_audit import _noise_source as noise_source  # the receipt audit's own rule
@@ -74,92 +72,6 @@ MAX_CHECKPOINT_FILES = 100_000
 EDITED, DELETED, REORDERED, INSERTED = "edited", "deleted", "reordered", "inserted"
 FORGED_RECEIPT, REPLACED_EXPORT_SIGNATURE = "forged receipt", "replaced export signature"
 TRUNCATED, FORKED = "truncated", "forked"
-
-
-# ------------------------------------------------------------------------------------------ reading
-
-
-@dataclass
-class Item:
-    """One entry as found at a position: its bytes (canonical JSON) and signature, or why not."""
-
-    position: int
-    data: bytes | None
-    signature: bytes | None
-    problem: str = ""
-
-
-@dataclass
-class Source:
-    kind: str  # "state" or "export"
-    path: Path
-    items: list[Item]
-    owner_key: Ed25519PublicKey | None  # as the state or export records it
-    clients: list[dict[str, Any]]
-    export: fmt.LedgerExport | None = None
-
-
-def _read_state(root: Path) -> Source:
-    db = root / fmt.STATE_DB_FILE
-    if not db.is_file():
-        raise FormatError(f"{root} is not an owner's state directory: {db} does not exist")
-    try:
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    except sqlite3.Error as e:
-        raise FormatError(f"{db}: cannot be opened read-only ({e})") from None
-    try:
-        conn.execute("BEGIN")  # one snapshot for both tables
-        rows = conn.execute(f"SELECT seq, entry, signature FROM {fmt.LEDGER_TABLE} ORDER BY seq").fetchall()
-        clients = conn.execute(
-            "SELECT client_id, receipt_key, receipt_key_fingerprint, cert_sha256, enrolled_at, revoked_at "
-            "FROM clients ORDER BY rowid"
-        ).fetchall()
-    except sqlite3.Error as e:
-        raise FormatError(f"{db}: not an offsite state with a ledger ({e})") from None
-    finally:
-        conn.close()
-    items = [
-        Item(
-            i,
-            bytes(entry) if isinstance(entry, bytes | bytearray | memoryview) else None,
-            bytes(sig) if isinstance(sig, bytes | bytearray | memoryview) else None,
-            "" if isinstance(entry, bytes | bytearray | memoryview) else "not a byte string",
-        )
-        for i, (_, entry, sig) in enumerate(rows)
-    ]
-    keys = ("client_id", "receipt_key", "receipt_key_fingerprint", "cert_sha256", "enrolled_at", "revoked_at")
-    key_file = root / "signing" / OWNER_PUBLIC_KEY
-    owner_key = crypto.load_public_key(key_file) if key_file.is_file() else None
-    return Source("state", root, items, owner_key, [dict(zip(keys, c, strict=True)) for c in clients])
-
-
-def _read_export(path: Path) -> Source:
-    export = fmt.parse_export(read_bounded(path, f"ledger export {path}", fmt.MAX_EXPORT_BYTES))
-    items = []
-    for i, exported in enumerate(export.entries):
-        try:
-            signature = fmt.unb64(exported.signature, f"entries[{i}].signature")
-        except FormatError as e:
-            items.append(Item(i, canonical_json(exported.entry), None, str(e)))
-            continue
-        items.append(Item(i, canonical_json(exported.entry), signature))
-    owner_key = crypto.public_key_from_b64(export.owner_key, "owner_key")
-    clients = [c.model_dump(mode="json") for c in export.clients]
-    return Source("export", path, items, owner_key, clients, export)
-
-
-def read_source(path: str | os.PathLike) -> Source:
-    """A state directory or an export file (FormatError if it is neither, or unreadable as a whole)."""
-    path = Path(path)
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        raise FormatError(f"{path} does not exist") from None
-    except OSError as e:
-        raise FormatError(f"{path}: cannot be read ({e.strerror})") from None
-    if stat.S_ISDIR(mode):
-        return _read_state(path)
-    return _read_export(path)
 
 
 # ------------------------------------------------------------------------------------------ the report
@@ -206,6 +118,7 @@ class DatasetReport:
     problems: list[str] = field(default_factory=list)
     timeline: list[Point] = field(default_factory=list)
     union: list[dict[str, Any]] = field(default_factory=list)
+    incomplete: bool = False  # the ledger broke before its end: what follows the bad entry is not known
 
     @property
     def spent(self) -> float | None:
@@ -214,12 +127,16 @@ class DatasetReport:
 
     @property
     def remaining(self) -> float | None:
-        """grant ε - spent ε (spent 0 before any accepted receipt): how far below the grant, not an ε to spend."""
-        return None if self.grant_epsilon is None else self.grant_epsilon - (self.spent or 0.0)
+        """grant ε - spent ε by the PRV upper bound, the server's rule (0 spent before any accepted receipt):
+        how far below the grant, not an ε a further run may spend on its own."""
+        if self.grant_epsilon is None:
+            return None
+        spent = self.spent_prv if self.spent_prv is not None else self.spent
+        return self.grant_epsilon - (spent or 0.0)
 
     @property
     def verdict(self) -> str:
-        return "FAIL" if self.problems else "ok"
+        return "FAIL" if self.problems else "unverified" if self.incomplete else "ok"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -249,7 +166,8 @@ class ClientReport:
 
     @property
     def verdict(self) -> str:
-        return "FAIL" if any(d.problems for d in self.datasets.values()) else "ok"
+        verdicts = {d.verdict for d in self.datasets.values()}
+        return "FAIL" if "FAIL" in verdicts else "unverified" if "unverified" in verdicts else "ok"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -742,7 +660,7 @@ def _checkpoints(
                         f"ledger's has {str(digest)[:16]}…: the history was rewritten at or before it",
                     )
                 )
-                problems.append(f"{name}: entry {checkpoint.index} differs: forked")
+                problems.append(f"{name}: entry {checkpoint.index} is not the entry the owner signed then")
     report.checkpoints_checked = checked
     detail = f"{checked} checkpoint(s) signed by the owner match the ledger"
     if ignored:
@@ -893,6 +811,9 @@ def audit_ledger(
                 "again, cannot be detected",
             )
         )
+    if report.first_bad is not None:  # the budgets shown stop at the first bad entry
+        for dataset in report.datasets():
+            dataset.incomplete = True
     if report.first_bad is not None and bad is None and report.first_bad.kind in (TRUNCATED, FORKED):
         chain = report.check("hash chain and signatures")
         chain.detail += f"; but against a checkpoint: entry {report.first_bad.index}: {report.first_bad.kind}"

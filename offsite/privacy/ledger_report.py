@@ -19,7 +19,7 @@ WIDTH, HEIGHT = 680, 260
 LEFT, RIGHT, TOP, BOTTOM = 60, 150, 24, 44
 
 _STYLE = """
-body { font: 14px/1.45 system-ui, sans-serif; margin: 24px auto; max-width: 1000px; color: #222; }
+body { font: 14px/1.45 system-ui, sans-serif; margin: 24px auto; padding: 0 16px; max-width: 1000px; color: #222; }
 h1 { font-size: 22px; margin-bottom: 4px; } h2 { font-size: 17px; margin-top: 28px; }
 .verdict { padding: 10px 14px; border-radius: 6px; font-weight: 600; font-size: 16px; }
 .pass { background: #e6f4ea; color: #137333; } .fail { background: #fce8e6; color: #a50e0e; }
@@ -61,7 +61,7 @@ def plot(dataset: DatasetReport) -> str:
     span = max(times) - min(times)
     xs_raw = times if span > 0 else [float(i) for i in range(len(points))]
     x0, x1 = min(xs_raw), max(xs_raw)
-    x1 = x1 if x1 > x0 else x0 + 1
+    x1 = x1 + 0.08 * (x1 - x0) if x1 > x0 else x0 + 1  # room after the last step, so it shows
     values = [v for p in points for v in (p.epsilon_prv, p.epsilon_pld, p.grant) if v is not None]
     top = max(values + [1.0]) * 1.15
     plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
@@ -233,10 +233,9 @@ def render_html(report: LedgerReport) -> str:
             out.append(
                 '<ul class="problems">' + "".join(f"<li>{escape(p)}</li>" for p in d.problems) + "</ul>"
             )
+    tolerance = report.to_dict()["tolerance"]
     out.append(
-        "<p><small>Tolerance: a stated ε may be below min(PRV upper, PLD) recomputed by at most "
-        f"{escape(report.to_dict()['tolerance']['stated_epsilon'])}; grants: "
-        f"{escape(report.to_dict()['tolerance']['grant'])}. Made by <code>offsite audit ledger</code>."
-        "</small></p></body></html>"
+        f"<p><small>Tolerance: {escape(tolerance['stated_epsilon'])}; grants: {escape(tolerance['grant'])}. "
+        "Made by <code>offsite audit ledger</code>.</small></p></body></html>"
     )
     return "\n".join(out) + "\n"
