@@ -31,6 +31,7 @@ from ledger_kit import (
     rechain,
     resign_export,
     revoke,
+    submission_row,
 )
 
 from offsite import crypto
@@ -39,6 +40,8 @@ from offsite.formats import ledger as fmt
 from offsite.privacy import accounting, ledger_audit, ledger_budget
 from offsite.privacy.accounting import make_entry
 from offsite.privacy.ledger_audit import audit_ledger
+from offsite.privacy.ledger_report import render_html
+from offsite.server import ledger as records
 from offsite.server.errors import GrantExceededError, HistoryOmissionError, NoGrantError
 from offsite.server.owner_state import OwnerState
 
@@ -204,6 +207,24 @@ def test_a_forged_receipt_is_named(ledger, tmp_path):
     report = audit_ledger(state_dir, owner_pubkey=ledger["pub"])
     assert first_bad(report) == (index, "forged receipt")
     assert "not signed by the key alice enrolled" in report.first_bad.detail
+
+
+def test_owner_signed_nonsense_is_named_not_a_traceback(ledger, tmp_path):
+    """Entries of the right shape that the owner signed but that make no sense (a receipt that is not
+    base64 of whole bytes, a time stamp that is no date) are findings, and the report still renders."""
+    state_dir = shutil.copytree(ledger["state"], tmp_path / "state")
+    with OwnerState(state_dir) as state:
+        odd = records.LedgerWriter(state.storage, state.ledger.key, clock=lambda: "2025-13-45T99:99:99Z")
+        state.storage.append_ledger(odd.maker(records.grant_record("alice", "other", 2.0, DELTA)))
+        entry = records.submission_record(
+            submission_row("alice"), "a" * 64, dataset_id="other", receipt=b"x", receipt_signature=b"s" * 64,
+            grant_index=3, spent={"epsilon": 1.0, "delta": DELTA, "accountant": "opacus-prv-upper", "eps_error": 0.01},
+        )  # fmt: skip
+        entry["receipt"] = "QQ"  # the base64 alphabet, but no whole byte
+        state.storage.append_ledger(state.ledger.maker(entry))
+    report = audit_ledger(state_dir, owner_pubkey=ledger["pub"])
+    assert report.first_bad.kind == "forged receipt"
+    assert "ledger-plot" in render_html(report)
 
 
 def test_a_replaced_export_signature_is_named(ledger, tmp_path):
@@ -507,7 +528,7 @@ def headless(tmp_path, *args: str) -> subprocess.CompletedProcess:
 def test_the_html_report_is_self_contained_and_chromium_draws_its_plots(ledger, tmp_path):
     from png import count_colour
 
-    from offsite.privacy.ledger_report import GRANT_COLOUR, PRV_COLOUR, render_html
+    from offsite.privacy.ledger_report import GRANT_COLOUR, PRV_COLOUR
 
     report = audit_ledger(ledger["export"], owner_pubkey=ledger["pub"], checkpoints=ledger["checkpoints"])
     html = render_html(report)

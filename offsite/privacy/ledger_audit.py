@@ -416,7 +416,12 @@ class _Audit:
         for entry, _ in verified:
             record = entry.record
             if record.kind == "enrol":
-                self.keys[record.client_id] = crypto.public_key_from_b64(record.receipt_key, "receipt_key")
+                try:
+                    self.keys[record.client_id] = crypto.public_key_from_b64(
+                        record.receipt_key, "receipt_key"
+                    )
+                except (FormatError, ValueError):  # its receipts then verify against nothing: forged
+                    self.keys.pop(record.client_id, None)
                 self.enrolments[record.client_id] = record.model_dump()
                 c = self.client(record.client_id)
                 c.receipt_key_fingerprint, c.enrolled_at_entry = record.receipt_key_fingerprint, entry.index
@@ -454,8 +459,8 @@ class _Audit:
             return BadEntry(
                 entry.index, FORGED_RECEIPT, f"{where}: no enrolment of {record.client_id} precedes it"
             )
-        data = fmt.unb64(record.receipt, f"{where}.receipt")
         try:
+            data = fmt.unb64(record.receipt, f"{where}.receipt")
             crypto.verify(key, data, fmt.unb64(record.receipt_signature or "", f"{where}.receipt_signature"))
         except (IntegrityError, FormatError):
             return BadEntry(

@@ -57,7 +57,10 @@ def plot(dataset: DatasetReport) -> str:
     points = dataset.timeline
     if not points:
         return "<p>nothing recorded</p>"
-    times = [parse_time(p.at) for p in points]
+    try:
+        times = [parse_time(p.at) for p in points]
+    except ValueError:  # a time stamp of the right shape that is no date: plot by entry order instead
+        times = [float(i) for i in range(len(points))]
     span = max(times) - min(times)
     xs_raw = times if span > 0 else [float(i) for i in range(len(points))]
     x0, x1 = min(xs_raw), max(xs_raw)
