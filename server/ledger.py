@@ -183,7 +183,7 @@ class LedgerWriter:
 
     def export(self) -> bytes:
         """The signed export file: every entry, the owner key, the clients as recorded."""
-        rows = self.storage.ledger_rows()
+        rows, recorded = self.storage.ledger_snapshot()
         clients = [
             {
                 "client_id": c.client_id,
@@ -193,6 +193,6 @@ class LedgerWriter:
                 "enrolled_at": c.enrolled_at,
                 "revoked_at": c.revoked_at,
             }
-            for c in self.storage.list_clients()
+            for c in recorded
         ]
         return fmt.make_export(self.key, self._clock(), [(r.entry, r.signature) for r in rows], clients)

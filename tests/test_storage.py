@@ -256,6 +256,8 @@ def test_ledger_entries_are_appended_after_the_head_and_read_back(store):
     head = store.ledger_head()
     assert (head.index, head.hash, head.ledger_id) == (3, f"{3:064x}", f"{0:064x}")
     assert [r.index for r in store.ledger_scope("alice", "ds")] == [1]
+    rows, clients = store.ledger_snapshot()
+    assert [r.index for r in rows] == [0, 1, 2, 3] and [c.client_id for c in clients] == ["alice", "bob"]
     assert store.ledger_datasets("alice") == ["ds", "other"] and store.ledger_datasets("carol") == []
     with pytest.raises(OffsiteError, match="does not follow the head"):  # a maker that skips an index
 

@@ -453,9 +453,9 @@ def cmd_server_budget(args: argparse.Namespace) -> int:
     rows = []
     for view in views:
         row = _budget_json(view)
-        local = history.read(view.dataset_id, client_dir) if history.dataset_ids(client_dir) else None
+        local = history.read(view.dataset_id, client_dir)
         row["this_machine"] = None
-        if local is not None and local.version is not None:
+        if local.version is not None:  # this machine has a history of the dataset
             mine = history.cumulative_history(view.dataset_id, client_dir)
             row["this_machine"] = {
                 "budget": None

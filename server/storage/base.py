@@ -292,4 +292,9 @@ class Storage(abc.ABC):
         """Dataset ids with budget entries of ``client_id``, sorted."""
 
     @abc.abstractmethod
+    def ledger_snapshot(self) -> tuple[list[LedgerRow], list[ClientRecord]]:
+        """Every entry and every client, read in one consistent snapshot (for the export: a client and
+        its enrolment entry are both in it or neither)."""
+
+    @abc.abstractmethod
     def close(self) -> None: ...

@@ -644,3 +644,9 @@ class SQLiteStorage(Storage):
             (client_id, *BUDGET_KINDS),
         )
         return [r[0] for r in rows]
+
+    def ledger_snapshot(self) -> tuple[list[LedgerRow], list[ClientRecord]]:
+        with self._read() as conn:
+            rows = [self._row(r) for r in conn.execute(f"SELECT * FROM {LEDGER_TABLE} ORDER BY seq")]
+            clients = conn.execute("SELECT * FROM clients ORDER BY enrolled_at, client_id").fetchall()
+            return rows, [self._client(c) for c in clients]
