@@ -1,5 +1,6 @@
 """`offsite audit`: check what others claim, from the files alone.
 
+``offsite audit ledger`` (``offsite.cli.audit_ledger``) verifies an owner's whole privacy ledger.
 ``offsite audit receipt RECEIPT --adapter DIR [--pubkey KEY] [--json]`` verifies a privacy receipt
 (format version 1 or 2, and says which): its signature first (a bad one ends the audit), who signed
 it, that it covers this adapter, that its noise was not seeded, and both ε values recomputed with two
@@ -18,6 +19,7 @@ from pathlib import Path
 from rich.markup import escape
 from rich.table import Table
 
+from offsite.cli import audit_ledger
 from offsite.cli.ui import console, err_console, print_json, warn
 
 _STYLE = {
@@ -30,7 +32,7 @@ _STYLE = {
 def register(subparsers: argparse._SubParsersAction) -> None:
     audit = subparsers.add_parser(
         "audit",
-        help="verify privacy receipts",
+        help="verify privacy receipts and an owner's privacy ledger",
         description="Independent checks of what a data owner claims about its private training.",
     )
     cmds = audit.add_subparsers(dest="audit_command", metavar="COMMAND", required=True)
@@ -59,6 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print a machine-readable report")
     p.set_defaults(func=cmd_audit_receipt)
     register_canaries(cmds)
+    audit_ledger.register(cmds)
 
 
 def cmd_audit_receipt(args: argparse.Namespace) -> int:

@@ -61,6 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--json", action="store_true", help="print the result (plan, ε, paths) as JSON")
     add_dp_arguments(p)
+    client_service.add_train_server_arguments(p)
     p.set_defaults(func=cmd_train)
     from offsite.cli.keys import register_keys
 
@@ -81,6 +82,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--delta", type=float, default=None, help="state ε at this δ (default: each dataset's own δ)"
     )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    client_service.add_budget_server_arguments(p)
     p.set_defaults(func=cmd_budget)
     client_service.register(cmds)
 
@@ -196,6 +198,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         err_console.print(
             "[bold red]noise is seeded (test only): this run is NOT private; the receipt says so[/bold red]"
         )
+    limits = None
+    if args.server is not None:  # the job's maximum and the owner's grant are limits too
+        limits = client_service.server_limits(args)
+        args.epsilon, args.delta = limits["epsilon"], limits["delta"]
+        err_console.print(
+            f"target ε = {limits['epsilon']:g} at δ = {limits['delta']:g}, the smallest of: "
+            + ", ".join(f"{name} {value:g}" for name, value in limits["limits"].items())
+        )
     # Hyperparameters not given: under DP the DP defaults choose them once the data's size bucket is
     # known; without DP TuneOptions' own defaults apply.
     given = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size}
@@ -272,6 +282,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "epsilon": result.receipt["epsilon"] if result.receipt else None,
                 "delta": result.receipt["delta"] if result.receipt else None,
                 "receipt": str(args.out / "receipt.json") if result.receipt else None,
+                "server_limits": limits,
             }
         )
         return 0
@@ -305,6 +316,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_budget(args: argparse.Namespace) -> int:
+    if args.server is not None:
+        return client_service.cmd_server_budget(args)
     from offsite import state
     from offsite.privacy import accounting, history
 
