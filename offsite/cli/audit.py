@@ -20,13 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from offsite.cli import audit_ledger
-from offsite.cli.ui import console, err_console, print_json, warn
-
-_STYLE = {
-    "ok": "[green]ok[/green]",
-    "fail": "[bold red]FAIL[/bold red]",
-    "unverified": "[yellow]unverified[/yellow]",
-}
+from offsite.cli.ui import checks_table, console, err_console, print_json, warn
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -98,20 +92,7 @@ def cmd_audit_receipt(args: argparse.Namespace) -> int:
         print_json(report.to_dict())
         return 0 if report.ok else 1
 
-    t = Table(title=f"privacy receipt {escape(str(args.receipt))}", title_justify="left")
-    t.add_column("check")
-    t.add_column("status")
-    t.add_column("stated", justify="right")
-    t.add_column("recomputed", justify="right")
-    t.add_column("detail", overflow="fold")
-    for c in report.checks:
-        t.add_row(
-            escape(c.name),
-            _STYLE.get(c.status, c.status),
-            escape(c.stated),
-            escape(c.recomputed),
-            escape(c.detail),
-        )
+    t = checks_table(f"privacy receipt {args.receipt}", report.checks)
     console.print(t)
     console.print(
         f"receipt format version {report.format_version}"

@@ -15,14 +15,7 @@ from pathlib import Path
 from rich.markup import escape
 from rich.table import Table
 
-from offsite.cli.ui import console, print_json, warn
-
-_STYLE = {
-    "ok": "[green]ok[/green]",
-    "fail": "[bold red]FAIL[/bold red]",
-    "FAIL": "[bold red]FAIL[/bold red]",
-    "unverified": "[yellow]unverified[/yellow]",
-}
+from offsite.cli.ui import checks_table, console, print_json, styled_status, warn
 
 
 def register(cmds: argparse._SubParsersAction) -> None:
@@ -69,18 +62,7 @@ def register(cmds: argparse._SubParsersAction) -> None:
 
 def print_report(report) -> None:
     """The report on the terminal: the checks, a table per client, the verdict."""
-    t = Table(title=f"ledger {escape(report.source)} ({report.source_kind})", title_justify="left")
-    for column in ("check", "status", "stated", "recomputed", "detail"):
-        t.add_column(column, overflow="fold")
-    for c in report.checks:
-        t.add_row(
-            escape(c.name),
-            _STYLE.get(c.status, c.status),
-            escape(c.stated),
-            escape(c.recomputed),
-            escape(c.detail),
-        )
-    console.print(t)
+    console.print(checks_table(f"ledger {report.source} ({report.source_kind})", report.checks))
     for client in report.clients.values():
         title = f"client {escape(client.client_id)}"
         if client.revoked_at_entry is not None:
@@ -112,7 +94,7 @@ def print_report(report) -> None:
                 "—" if d.stated is None else f"{d.stated:.4f}",
                 "—" if d.remaining is None else f"{d.remaining:.4f}",
                 str(d.accepted),
-                _STYLE.get(d.verdict, d.verdict),
+                styled_status(d.verdict),
             )
         console.print(ct)
         for d in client.datasets.values():

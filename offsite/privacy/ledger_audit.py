@@ -446,6 +446,8 @@ class _Audit:
         return None
 
     def submission(self, entry: fmt.LedgerEntry) -> BadEntry | None:
+        """Replay one accepted submission: its receipt's signature (a forgery stops the replay), then
+        what the dataset has spent against what was stated and granted."""
         record = entry.record
         where = f"entry {entry.index}"
         if record.receipt is None:
@@ -454,21 +456,9 @@ class _Audit:
                 f"{where}: {record.client_id}'s non-private adapter accepted for job {record.job_id}"
             )
             return None
-        key = self.keys.get(record.client_id)
-        if key is None:
-            return BadEntry(
-                entry.index, FORGED_RECEIPT, f"{where}: no enrolment of {record.client_id} precedes it"
-            )
-        try:
-            data = fmt.unb64(record.receipt, f"{where}.receipt")
-            crypto.verify(key, data, fmt.unb64(record.receipt_signature or "", f"{where}.receipt_signature"))
-        except (IntegrityError, FormatError):
-            return BadEntry(
-                entry.index,
-                FORGED_RECEIPT,
-                f"{where}: the receipt is not signed by the key {record.client_id} enrolled "
-                f"({crypto.public_key_fingerprint(key)[:16]}…)",
-            )
+        data = self._signed_receipt(entry)
+        if isinstance(data, BadEntry):
+            return data
         self.receipts += 1
         dataset = self.dataset(record.client_id, record.dataset_id or "")
         dataset.accepted += 1
@@ -485,7 +475,37 @@ class _Audit:
         if receipt["dataset_id"] != record.dataset_id:
             self.fail("receipts", dataset, f"{where}: the receipt is for dataset {receipt['dataset_id']}")
         self.flags(where, dataset, receipt)
-        pair = (record.client_id, record.dataset_id or "")
+        union = self._compose(where, dataset, (record.client_id, record.dataset_id or ""), receipt)
+        if union is None:
+            return None
+        self.receipt_epsilon(where, dataset, receipt)
+        self._against_grant(entry, dataset, union)
+        return None
+
+    def _signed_receipt(self, entry: fmt.LedgerEntry) -> bytes | BadEntry:
+        """The receipt's bytes, if signed by the key its data owner enrolled (as the ledger recorded it)."""
+        record, where = entry.record, f"entry {entry.index}"
+        key = self.keys.get(record.client_id)
+        if key is None:
+            return BadEntry(
+                entry.index, FORGED_RECEIPT, f"{where}: no enrolment of {record.client_id} precedes it"
+            )
+        try:
+            data = fmt.unb64(record.receipt, f"{where}.receipt")
+            crypto.verify(key, data, fmt.unb64(record.receipt_signature or "", f"{where}.receipt_signature"))
+        except (IntegrityError, FormatError):
+            return BadEntry(
+                entry.index,
+                FORGED_RECEIPT,
+                f"{where}: the receipt is not signed by the key {record.client_id} enrolled "
+                f"({crypto.public_key_fingerprint(key)[:16]}…)",
+            )
+        return data
+
+    def _compose(
+        self, where: str, dataset: DatasetReport, pair: tuple[str, str], receipt: dict[str, Any]
+    ) -> list[dict[str, Any]] | None:
+        """The dataset's union of cumulative histories after this receipt (the server's rule)."""
         held = self.histories.get(pair, [])
         cumulative = receipt["cumulative_history"]
         try:
@@ -498,12 +518,22 @@ class _Audit:
             self.fail("grants", dataset, f"{where}: the receipt was accepted although {omitted}")
         self.histories[pair] = union
         dataset.union, dataset.runs = union, len({r["run_id"] for r in union})
-        self.receipt_epsilon(where, dataset, receipt)
-        grant = self.grants.get(pair)
+        return union
+
+    def _against_grant(
+        self, entry: fmt.LedgerEntry, dataset: DatasetReport, union: list[dict[str, Any]]
+    ) -> None:
+        """ε of the union, recomputed at the grant's δ, against the grant and against what the server stated."""
+        record, where = entry.record, f"entry {entry.index}"
+        grant = self.grants.get((record.client_id, record.dataset_id or ""))
         if grant is None:
-            self.fail("grants", dataset, f"{where}: accepted without a grant for {pair[0]}/{pair[1]}")
+            self.fail(
+                "grants",
+                dataset,
+                f"{where}: accepted without a grant for {record.client_id}/{record.dataset_id or ''}",
+            )
             dataset.timeline.append(Point(entry.at, entry.index, None, None, None, "submission"))
-            return None
+            return
         index, grant_eps, grant_delta = grant
         if record.grant_index != index:
             self.fail(
@@ -523,32 +553,12 @@ class _Audit:
             prv, pld = _tight(union, grant_delta)
         except accounting.AccountingError as e:
             self.fail("epsilon", dataset, f"{where}: ε cannot be recomputed: {e}")
-            return None
+            return
         dataset.spent_prv, dataset.spent_pld = prv, pld
         tight = min(prv, pld)
         if abs(prv - pld) > accounting.DEFAULT_EPS_ERROR + AGREEMENT_ABS + TOLERANCE_REL * tight:
             self.notes["accountants"].append(f"{where}: PRV upper {prv:.4f} and PLD {pld:.4f} disagree")
-        spent = record.spent
-        if spent is None:
-            self.fail("epsilon", dataset, f"{where}: states no ε for its dataset")
-        else:
-            dataset.stated = spent.epsilon
-            why = underestimating(spent.accountant, "")
-            if why:
-                self.fail("unsafe", dataset, f"{where}: the server's ε comes from {spent.accountant}: {why}")
-            if spent.delta != grant_delta:
-                self.fail(
-                    "epsilon",
-                    dataset,
-                    f"{where}: states ε at δ = {spent.delta:g}, not the grant's {grant_delta:g}",
-                )
-            elif spent.epsilon < tight - _tolerance(tight):
-                self.fail(
-                    "epsilon",
-                    dataset,
-                    f"{where}: states ε = {spent.epsilon:.4f}, below the recomputed {tight:.4f} (PRV upper "
-                    f"{prv:.4f}, PLD {pld:.4f}) by more than the tolerance {_tolerance(tight):.3g}",
-                )
+        self._stated(where, dataset, record.spent, grant_delta, prv, pld)
         if tight > grant_eps * (1 + GRANT_RTOL):
             self.fail(
                 "grants",
@@ -557,7 +567,32 @@ class _Audit:
                 f"(PRV upper {prv:.4f}, PLD {pld:.4f}), above the granted ε = {grant_eps:g}",
             )
         dataset.timeline.append(Point(entry.at, entry.index, prv, pld, grant_eps, "submission"))
-        return None
+
+    def _stated(
+        self, where: str, dataset: DatasetReport, spent: Any, grant_delta: float, prv: float, pld: float
+    ) -> None:
+        """The ε the server stated for the dataset: present, at the grant's δ, from an upper bound, not too low."""
+        if spent is None:
+            self.fail("epsilon", dataset, f"{where}: states no ε for its dataset")
+            return
+        tight = min(prv, pld)
+        dataset.stated = spent.epsilon
+        why = underestimating(spent.accountant, "")
+        if why:
+            self.fail("unsafe", dataset, f"{where}: the server's ε comes from {spent.accountant}: {why}")
+        if spent.delta != grant_delta:
+            self.fail(
+                "epsilon",
+                dataset,
+                f"{where}: states ε at δ = {spent.delta:g}, not the grant's {grant_delta:g}",
+            )
+        elif spent.epsilon < tight - _tolerance(tight):
+            self.fail(
+                "epsilon",
+                dataset,
+                f"{where}: states ε = {spent.epsilon:.4f}, below the recomputed {tight:.4f} (PRV upper "
+                f"{prv:.4f}, PLD {pld:.4f}) by more than the tolerance {_tolerance(tight):.3g}",
+            )
 
     def receipt_epsilon(self, where: str, dataset: DatasetReport, receipt: dict[str, Any]) -> None:
         stated = receipt["epsilon"]["cumulative"]["prv_upper"]
@@ -722,49 +757,54 @@ def audit_ledger(
     """
     source = read_source(state_or_export)
     report = LedgerReport(str(state_or_export), source.kind, entries=len(source.items))
+    key = _owner_key(report, source, owner_pubkey)
+    audit, bad = _chain(report, source, key)
+    _checkpoint_check(report, source, key, checkpoints, bad)
+    if source.export is not None:
+        _export_signature(report, source, key)
+    _budget_checks(report, audit, source)
+    return report
 
-    # 1. the owner key
-    genesis_key = None
-    if source.items and source.items[0].data is not None:
-        try:
-            first = fmt.parse_entry(source.items[0].data).record
-            if first.kind == "open":
-                genesis_key = crypto.public_key_from_b64(first.owner_key, "entry 0 owner_key")
-        except FormatError:
-            pass
-    recorded = source.owner_key or genesis_key
-    key = owner_pubkey or recorded
+
+def _genesis_key(source: Source) -> Ed25519PublicKey | None:
+    """The owner key entry 0 names, if entry 0 is readable and opens the ledger."""
+    if not source.items or source.items[0].data is None:
+        return None
+    try:
+        first = fmt.parse_entry(source.items[0].data).record
+        if first.kind == "open":
+            return crypto.public_key_from_b64(first.owner_key, "entry 0 owner_key")
+    except FormatError:
+        pass
+    return None
+
+
+def _owner_key(report: LedgerReport, source: Source, pinned: Ed25519PublicKey | None) -> Ed25519PublicKey:
+    """1. The key every signature is checked against: the pinned one, else the one the input records."""
+    recorded = source.owner_key or _genesis_key(source)
+    key = pinned or recorded
     if key is None:
-        raise FormatError(f"{state_or_export}: no owner key is recorded; pass --owner-pubkey")
+        raise FormatError(f"{report.source}: no owner key is recorded; pass --owner-pubkey")
     report.owner_key_fingerprint = crypto.public_key_fingerprint(key)
-    report.owner_key_pinned = owner_pubkey is not None
-    if owner_pubkey is not None:
-        same = recorded is None or crypto.public_key_raw(recorded) == crypto.public_key_raw(owner_pubkey)
-        report.checks.append(
-            Check(
-                "owner key",
-                OK if same else FAIL,
-                report.owner_key_fingerprint[:16] + "…",
-                detail="pinned (--owner-pubkey)"
-                + (
-                    ""
-                    if same
-                    else f"; the {source.kind} records another key: it was re-signed by someone else"
-                ),
-            )
+    report.owner_key_pinned = pinned is not None
+    shown = report.owner_key_fingerprint[:16] + "…"
+    if pinned is None:
+        detail = (
+            f"not pinned: read from the {source.kind}; whoever could rewrite the ledger could also have "
+            "replaced this key (pass --owner-pubkey)"
         )
-    else:
-        report.checks.append(
-            Check(
-                "owner key",
-                UNVERIFIED,
-                report.owner_key_fingerprint[:16] + "…",
-                detail=f"not pinned: read from the {source.kind}; whoever could rewrite the ledger could also have "
-                "replaced this key (pass --owner-pubkey)",
-            )
-        )
+        report.checks.append(Check("owner key", UNVERIFIED, shown, detail=detail))
+        return key
+    same = recorded is None or crypto.public_key_raw(recorded) == crypto.public_key_raw(pinned)
+    detail = "pinned (--owner-pubkey)"
+    if not same:
+        detail += f"; the {source.kind} records another key: it was re-signed by someone else"
+    report.checks.append(Check("owner key", OK if same else FAIL, shown, detail=detail))
+    return key
 
-    # 3. the chain, and forged receipts during the replay
+
+def _chain(report: LedgerReport, source: Source, key: Ed25519PublicKey) -> tuple[_Audit, BadEntry | None]:
+    """3. The hash chain and signatures, then the replay (which finds forged receipts)."""
     verified, bad = _walk(source.items, key)
     audit = _Audit(report)
     if bad is None:
@@ -780,31 +820,37 @@ def audit_ledger(
         report.ledger_id = fmt.entry_hash(source.items[0].data)
     if bad is not None:
         report._bad(bad)
-    report.checks.append(
-        Check(
-            "hash chain and signatures",
-            FAIL if bad else OK,
-            str(len(source.items)),
-            str(len(verified)),
-            f"entry {bad.index}: {bad.kind}: {bad.detail}"
-            if bad
-            else f"{len(source.items)} entries chained and signed by the owner key",
-        )
+    total = len(source.items)
+    detail = (
+        f"entry {bad.index}: {bad.kind}: {bad.detail}"
+        if bad
+        else f"{total} entries chained and signed by the owner key"
     )
-    if source.export is not None and source.export.ledger_id not in (None, report.ledger_id):
+    report.checks.append(
+        Check("hash chain and signatures", FAIL if bad else OK, str(total), str(len(verified)), detail)
+    )
+    export = source.export
+    if export is not None and export.ledger_id not in (None, report.ledger_id):
         report.checks.append(
             Check("export head", FAIL, detail="the export's ledger_id is not its entry 0's hash")
         )
-    if (
-        source.export is not None
-        and source.items
-        and source.export.head != (fmt.entry_hash(source.items[-1].data) if source.items[-1].data else None)
-    ):
-        report.checks.append(
-            Check("export head", FAIL, detail="the export's head is not its last entry's hash")
-        )
+    if export is not None and source.items:
+        last = source.items[-1].data
+        if export.head != (fmt.entry_hash(last) if last else None):
+            report.checks.append(
+                Check("export head", FAIL, detail="the export's head is not its last entry's hash")
+            )
+    return audit, bad
 
-    # 4. checkpoints
+
+def _checkpoint_check(
+    report: LedgerReport,
+    source: Source,
+    key: Ed25519PublicKey,
+    checkpoints: str | os.PathLike | None,
+    bad: BadEntry | None,
+) -> None:
+    """4. The data owners' checkpoints: a cut-off tail or a fork."""
     if checkpoints is not None:
         report.checks.append(_checkpoints(report, Path(checkpoints), key, source.items, report.ledger_id))
     else:
@@ -823,58 +869,56 @@ def audit_ledger(
         chain = report.check("hash chain and signatures")
         chain.detail += f"; but against a checkpoint: entry {report.first_bad.index}: {report.first_bad.kind}"
 
-    # 5. the export's signature (named as the first bad thing only if no entry explains the change)
-    if source.export is not None:
-        try:
-            fmt.verify_document(source.export, key, "the export")
-            report.checks.append(
-                Check("export signature", OK, detail="the owner's signature over the whole file")
-            )
-        except (IntegrityError, FormatError) as e:
-            detail = str(e)
-            if report.first_bad is None:
-                report._bad(
-                    BadEntry(None, REPLACED_EXPORT_SIGNATURE, f"the export's signature does not verify: {e}")
-                )
-            else:
-                detail += "; the file was changed after the owner signed it (see the first bad entry)"
-            report.checks.insert(1, Check("export signature", FAIL, detail=detail))
 
-    # 6-8. recorded clients, receipts, ε, grants, unsafe settings
+def _export_signature(report: LedgerReport, source: Source, key: Ed25519PublicKey) -> None:
+    """5. The export's signature (named as the first bad thing only if no entry explains the change)."""
+    try:
+        fmt.verify_document(source.export, key, "the export")
+    except (IntegrityError, FormatError) as e:
+        detail = str(e)
+        if report.first_bad is None:
+            report._bad(
+                BadEntry(None, REPLACED_EXPORT_SIGNATURE, f"the export's signature does not verify: {e}")
+            )
+        else:
+            detail += "; the file was changed after the owner signed it (see the first bad entry)"
+        report.checks.insert(1, Check("export signature", FAIL, detail=detail))
+        return
+    report.checks.append(Check("export signature", OK, detail="the owner's signature over the whole file"))
+
+
+def _budget_checks(report: LedgerReport, audit: _Audit, source: Source) -> None:
+    """6-8. Recorded clients, receipts, ε, grants, unsafe settings, non-private adapters."""
     report.checks.append(_clients_check(audit, source))
-    report.checks.append(
-        _group_check(
+    groups = (
+        (
             "receipts",
-            audit.failures["receipts"],
+            "receipts",
             f"{audit.receipts} receipt(s) signed by their data owners' enrolled keys and readable",
-        )
-    )
-    report.checks.append(
-        _group_check(
+        ),
+        (
             "ε recomputed (PRV, PLD)",
-            audit.failures["epsilon"],
+            "epsilon",
             "no stated ε below the tighter of Opacus' PRV upper bound and dp-accounting's PLD beyond "
             f"{TOLERANCE_ABS} + {TOLERANCE_REL}·ε",
-        )
-    )
-    if audit.notes["accountants"]:
-        report.checks.append(
-            Check("accountants agree", UNVERIFIED, detail="; ".join(audit.notes["accountants"][:3]))
-        )
-    report.checks.append(
-        _group_check(
+        ),
+        (
             "grants",
-            audit.failures["grants"],
+            "grants",
             "every accepted receipt had a grant, stated every recorded run, and kept its dataset within it",
-        )
-    )
-    report.checks.append(
-        _group_check(
+        ),
+        (
             "unsafe settings",
-            audit.failures["unsafe"],
+            "unsafe",
             "no δ ≥ q, no seeded noise, Poisson sampling only, ε from upper bounds only",
-        )
+        ),
     )
+    for name, group, ok_detail in groups:
+        report.checks.append(_group_check(name, audit.failures[group], ok_detail))
+        if group == "epsilon" and audit.notes["accountants"]:
+            report.checks.append(
+                Check("accountants agree", UNVERIFIED, detail="; ".join(audit.notes["accountants"][:3]))
+            )
     if audit.notes["non-private"]:
         report.checks.append(
             Check(
@@ -885,7 +929,6 @@ def audit_ledger(
                 + "; ".join(audit.notes["non-private"][:3]),
             )
         )
-    return report
 
 
 def parse_time(at: str) -> float:
