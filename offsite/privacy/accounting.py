@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Any
@@ -479,9 +479,20 @@ def calibrate_noise(
         except AccountingError:
             return math.inf  # PRV gives up only far beyond any budget worth calibrating to
 
-    # Bracket the answer cheaply first: RDP is analytic (milliseconds) and looser than PRV, so the σ it
-    # calibrates is a little above the PRV answer. Each PRV evaluation costs 0.1-1 s, hence the care.
-    hi = min(_rdp_sigma(prior_key, float(sample_rate), int(steps), target_epsilon, delta), SIGMA_MAX)
+    # Bracket the answer starting from RDP's σ: RDP is analytic (milliseconds) and looser than PRV, so
+    # the σ it calibrates is a little above the PRV answer. Each PRV evaluation costs 0.1-1 s, hence
+    # the care.
+    start = min(_rdp_sigma(prior_key, float(sample_rate), int(steps), target_epsilon, delta), SIGMA_MAX)
+    lo, g_lo, hi, g_hi = _bracket(gap, start, out_of_range)
+    return _refine(gap, lo, g_lo, hi, g_hi)
+
+
+def _bracket(
+    gap: Callable[[float], float], start: float, out_of_range: Callable[[str], BudgetError]
+) -> tuple[float, float, float, float]:
+    """σ values lo < hi with gap(lo) > 0 >= gap(hi), searched outwards from ``start`` by factors of
+    _BRACKET within [SIGMA_MIN, SIGMA_MAX]; returns (lo, gap(lo), hi, gap(hi))."""
+    hi = start
     g_hi = gap(hi)
     while g_hi > 0:
         hi = min(hi * _BRACKET, SIGMA_MAX)
@@ -493,12 +504,18 @@ def calibrate_noise(
         hi, g_hi = lo, g_lo
         lo = max(lo / _BRACKET, SIGMA_MIN)
         g_lo = gap(lo)
+    return lo, g_lo, hi, g_hi
 
-    # Invariant: gap(lo) > 0 >= gap(hi). ε is smooth in log σ, so take secant steps there from the two
-    # latest evaluations, then probe a hair across each new point: the pair (point, probe) gives an
-    # almost exact local slope (a Newton step) and the probe closes the bracket as soon as the point
-    # is within SIGMA_RTOL of the root. A few rounds instead of the ~12 of a bisection; fall back to
-    # bisection whenever a step would leave the bracket.
+
+def _refine(gap: Callable[[float], float], lo: float, g_lo: float, hi: float, g_hi: float) -> float:
+    """Narrow the bracket until hi/lo - 1 <= SIGMA_RTOL; return hi (the side that meets the target).
+
+    Invariant: gap(lo) > 0 >= gap(hi). ε is smooth in log σ, so take secant steps there from the two
+    latest evaluations, then probe a hair across each new point: the pair (point, probe) gives an
+    almost exact local slope (a Newton step) and the probe closes the bracket as soon as the point
+    is within SIGMA_RTOL of the root. A few rounds instead of the ~12 of a bisection; fall back to
+    bisection whenever a step would leave the bracket.
+    """
     step = SIGMA_RTOL * 0.9
     recent = [(lo, g_lo), (hi, g_hi)]
     while hi / lo - 1 > SIGMA_RTOL:
