@@ -235,3 +235,21 @@ def test_every_option_of_every_command_has_a_help_text():
     assert ("offsite owner finetune-full", "--lr", "AdamW learning rate (default 1e-4)") in seen
     missing = [(cmd, opt) for cmd, opt, text in seen if not (text and text.strip())]
     assert missing == []
+
+
+def test_under_json_every_refusal_is_one_json_object_on_stdout(capsys, tmp_path):
+    from offsite.cli.main import main
+
+    # A usage error (argparse) and a refusal from the library (an OffsiteError), with and without --json.
+    cases = [
+        (["eval", "--task", str(tmp_path / "none.jsonl"), "--type", "nope"], "UsageError", "invalid choice"),
+        (["eval", "--task", str(tmp_path / "none.jsonl"), "--type", "lm"], "DataError", "no such file"),
+    ]
+    for argv, kind, words in cases:
+        assert main([*argv, "--json"]) == 2
+        out, err = capsys.readouterr()
+        report = json.loads(out)
+        assert report["ok"] is False and report["error_type"] == kind and words in report["error"]
+        assert main(argv) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and words in " ".join(err.split())  # however the terminal wraps it

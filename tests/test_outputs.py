@@ -70,10 +70,12 @@ def test_two_concurrent_prepares_one_wins_and_its_bundle_is_intact(tmp_path):
     results = [(*p.communicate(timeout=300), p.returncode) for p in procs]
     results = [(rc, out, err) for out, err, rc in results]
     winners = [json.loads(out) for rc, out, _ in results if rc == 0]
-    losers = [err for rc, _, err in results if rc != 0]
+    losers = [(json.loads(out), err) for rc, out, err in results if rc != 0]
     assert len(winners) == 1 and len(losers) == 1, results
-    assert "another offsite run is writing" in losers[0] or "already exists" in losers[0]
-    assert "Traceback" not in losers[0]
+    refusal, err = losers[0]  # under --json the refusal is a JSON object on stdout
+    assert refusal["ok"] is False
+    assert "another offsite run is writing" in refusal["error"] or "already exists" in refusal["error"]
+    assert "Traceback" not in err
     assert Bundle.open(tmp_path / "b").id == winners[0]["bundle_id"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
