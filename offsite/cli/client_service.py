@@ -339,9 +339,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     with _client(args) as c, _bars(not args.json) as bar:
         try:
             result = c.submit(args.job, args.adapter, progress=bar)
-        except ServerError as e:
-            if args.json:
-                print_json({"error": e.details, "code": e.code.name})
+        except ServerError as e:  # under --json, main prints it as the one JSON object
             raise OffsiteError(f"submission refused: {e.details} ({e.code.name})") from None
     info = _submission_json(result.submission) | {
         "ledger_checkpoint": str(result.checkpoint) if result.checkpoint else None
