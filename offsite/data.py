@@ -14,11 +14,12 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
-
-import torch
+from typing import TYPE_CHECKING, BinaryIO
 
 from offsite.errors import DataError
+
+if TYPE_CHECKING:  # torch loads only when data is tokenised, not when the CLI builds its parser
+    import torch
 
 LM, MC, CLS, MLM = "lm", "mc", "cls", "mlm"
 KINDS = (LM, MC, CLS, MLM)
@@ -271,6 +272,8 @@ def mlm_example(
     if not candidates:
         raise DataError(f"{r.source}: the record has no tokens to mask")
     n = max(1, round(rate * len(candidates)))
+    import torch
+
     chosen = torch.randperm(len(candidates), generator=generator)[:n].tolist()
     labels = [IGNORE] * len(ids)
     masked = list(ids)
@@ -283,6 +286,8 @@ def mlm_example(
 
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch; ``labels`` is (B,) for classification, (B, T) otherwise."""
+    import torch
+
     width = max((len(e.input_ids) for e in examples), default=1)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
@@ -314,6 +319,8 @@ def make_examples(
     if kind == CLS:
         return [cls_example(tokenizer, r, max_length, int(num_labels)) for r in records]
     if kind == MLM:
+        import torch
+
         gen = torch.Generator().manual_seed(mask_seed)
         return [mlm_example(tokenizer, r, max_length, gen) for r in records]
     raise ValueError(f"no training examples for data kind {kind!r}")

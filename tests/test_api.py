@@ -25,6 +25,20 @@ def test_importing_offsite_and_its_packages_does_not_load_torch():
     assert result.stdout.strip() == ""
 
 
+def test_the_command_line_builds_its_parser_without_torch():
+    # `offsite --help` and every usage error answer at once: the commands load torch, transformers,
+    # scipy and grpc only when they run.
+    code = (
+        "import sys\n"
+        "from offsite.cli.main import build_parser\n"
+        "build_parser()\n"
+        "heavy = ('torch', 'transformers', 'opacus', 'peft', 'safetensors', 'scipy', 'grpc')\n"
+        "print(','.join(sorted(m for m in heavy if m in sys.modules)))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == ""
+
+
 def test_the_check_above_can_fail():
     code = "import sys, offsite; offsite.Bundle; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

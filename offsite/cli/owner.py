@@ -8,8 +8,6 @@ from pathlib import Path
 from offsite.cli import owner_service
 from offsite.cli.progress import step_bar
 from offsite.cli.ui import console, print_json, table
-from offsite.training.distill import DistillConfig
-from offsite.training.finetune import TrainConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -130,6 +128,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from offsite.prepare import PrepareOptions, prepare
+    from offsite.training.distill import DistillConfig
 
     distill = None
     if args.distill_data is not None:
@@ -221,6 +220,7 @@ def cmd_plug(args: argparse.Namespace) -> int:
 
 def cmd_finetune_full(args: argparse.Namespace) -> int:
     from offsite.full_finetune import finetune_full
+    from offsite.training.finetune import TrainConfig
 
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
     with step_bar("full fine-tuning") as on_step:

@@ -38,7 +38,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import binom, rankdata
 
 #: The confidence of the reported lower bound.
 CONFIDENCE = 0.95
@@ -79,6 +78,8 @@ def p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> float:
     if not 0 <= delta < 1:
         raise ValueError(f"δ must be in [0, 1), got {delta!r}")
     p = guess_accuracy(epsilon)
+    from scipy.stats import binom  # scipy loads when an audit computes, not when the CLI builds its parser
+
     tail = float(binom.sf(v - 1, r, p))  # P[Binomial(r, p) ≥ v]
     if delta == 0 or v == 0:
         return min(tail, 1.0)
@@ -248,6 +249,8 @@ def auroc(scores: Sequence[float], included: Sequence[bool]) -> float | None:
     n_in, n_out = int(inc.sum()), int((~inc).sum())
     if n_in == 0 or n_out == 0:
         return None
+    from scipy.stats import rankdata
+
     ranks = rankdata(s)  # average ranks: a tie counts ½
     return float((ranks[inc].sum() - n_in * (n_in + 1) / 2) / (n_in * n_out))
 
