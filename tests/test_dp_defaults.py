@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -175,24 +172,24 @@ def test_without_dp_the_defaults_are_not_used(setup, tmp_path):
     assert seen == [] and (hyper["epochs"], hyper["lr"], hyper["batch_size"]) == (3, 1e-3, 16)
 
 
-def _cli(*args, env):
-    proc = subprocess.run(
-        [sys.executable, "-m", "offsite.cli.main", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return proc
+def _cli(capsys, *args) -> tuple[str, str]:
+    """Run the offsite command in this process; its (stdout, stderr)."""
+    from offsite.cli.main import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return out, err
 
 
-def test_client_train_prints_the_chosen_defaults_and_flags_win(setup, tmp_path):
+def test_client_train_prints_the_chosen_defaults_and_flags_win(setup, tmp_path, capsys, monkeypatch):
     root, _, data = setup
-    env = dict(os.environ, OFFSITE_CLIENT_DIR=str(tmp_path / "client"), COLUMNS="200")
-    _cli("client", "keys", "init", env=env)
+    monkeypatch.setenv("OFFSITE_CLIENT_DIR", str(tmp_path / "client"))
+    _cli(capsys, "client", "keys", "init")
     train = data(40)
-    proc = _cli(
+    stdout, stderr = _cli(
+        capsys,
         "client",
         "train",
         root / "bundle",
@@ -209,10 +206,9 @@ def test_client_train_prints_the_chosen_defaults_and_flags_win(setup, tmp_path):
         "--epochs",
         "2",
         "--json",
-        env=env,
     )
-    out = json.loads(proc.stdout)
-    said = " ".join(proc.stderr.split())  # the terminal may wrap lines
+    out = json.loads(stdout)
+    said = " ".join(stderr.split())  # the terminal may wrap lines
     rule = dp_defaults(64, 1.0, 1e-3, BLOCKS)
     assert out["dp_defaults"] == rule.to_json()
     assert re.search(rf"DP defaults .*batch {rule.batch_size}, {rule.epochs} epochs, lr {rule.lr:g}", said)
