@@ -151,6 +151,7 @@ def run(
     grace: float = transport.DRAIN_GRACE_S,
 ) -> int:
     """Serve until SIGTERM or SIGINT, then drain and return 0."""
+    transport.tune_allocator()
     server = OffsiteServer(state_dir, host, port, insecure_loopback)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
