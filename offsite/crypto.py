@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from offsite.errors import FormatError, IntegrityError, OffsiteError
-from offsite.fileio import exclusive_lock, fsync_directory, write_bytes_atomic
+from offsite.fileio import exclusive_lock, fsync_directory, write_bytes_atomic, write_new_file
 
 PRIVATE_KEY_FILE = "signing_key.pem"
 PUBLIC_KEY_FILE = "signing_key.pub.pem"
@@ -89,29 +89,6 @@ def current_generation(directory: str | os.PathLike) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------ key files
-
-
-def _write_new_file(path: Path, data: bytes, mode: int, overwrite: bool) -> None:
-    """Write ``data`` to a file that has ``mode`` from the moment it exists.
-
-    A chmod after the fact would leave a window in which another local user can open the file.
-    Without ``overwrite``, O_EXCL makes "refuse to overwrite" race-free; with it, the new content is
-    written to a fresh 0600 temporary file and renamed over the old one.
-    """
-    target = path if not overwrite else path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if overwrite:
-            os.replace(target, path)
-    except BaseException:
-        if overwrite:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(target)
-        raise
 
 
 def init_client_keys(
@@ -187,9 +164,10 @@ def _write_generation(keys_dir: Path, key: Ed25519PrivateKey, salt: bytes) -> st
     private_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    _write_new_file(stage / PRIVATE_KEY_FILE, private_pem, 0o600, overwrite=False)
-    _write_new_file(stage / SALT_FILE, salt, 0o600, overwrite=False)
-    _write_new_file(stage / PUBLIC_KEY_FILE, public_key_pem(key.public_key()), 0o644, overwrite=False)
+    # Each file is 0600 (or 0644) from the moment it exists and complete or absent.
+    write_new_file(stage / PRIVATE_KEY_FILE, private_pem, mode=0o600)
+    write_new_file(stage / SALT_FILE, salt, mode=0o600)
+    write_new_file(stage / PUBLIC_KEY_FILE, public_key_pem(key.public_key()), mode=0o644)
     fsync_directory(stage)
     os.rename(stage, keys_dir / name)
     fsync_directory(keys_dir)

@@ -14,7 +14,6 @@ owner issues the certificate; that is how the server recognises (and revokes) a 
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import hashlib
 import ipaddress
@@ -31,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from offsite.errors import FormatError, IntegrityError, OffsiteError
-from offsite.fileio import fsync_directory
+from offsite.fileio import write_new_file
 
 #: Certificates the owner issues are valid this long; re-enrol (a new request) to renew.
 CA_DAYS = 3650
@@ -74,23 +73,11 @@ def load_key(path: str | os.PathLike) -> ec.EllipticCurvePrivateKey:
 
 
 def write_secret(path: str | os.PathLike, data: bytes) -> None:
-    """Create ``path`` with mode 0600 from the moment it exists (O_EXCL: never over another file).
-
-    fsync of the file and of its directory, so a key reported as made survives a crash.
-    """
+    """Create ``path`` with mode 0600 from the moment it exists, complete or not at all, never over
+    another file (``fileio.write_new_file``); its directory is made 0700 if missing."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        raise
-    fsync_directory(path.parent)
+    write_new_file(path, data, mode=0o600)
 
 
 # ------------------------------------------------------------------------------------------ certificates

@@ -18,6 +18,8 @@ from offsite.models.loading import load_model, load_tokenizer, model_fingerprint
 from offsite.models.plugin import export_peft, merge, plug_in
 from offsite.models.registry import Task
 
+PLUG_FILE = "offsite_plug.json"  # beside the merged model: which adapter went in, and its settings
+
 
 @dataclass
 class PlugResult:
@@ -86,12 +88,15 @@ def plug(
         model.save_pretrained(claim.stage, safe_serialization=True)
         load_tokenizer(model_dir).save_pretrained(claim.stage)
         write_bytes_atomic(
-            claim.stage / "offsite_plug.json",
+            claim.stage / PLUG_FILE,
             canonical_json(
                 {
                     "bundle_id": claimed,
                     "source_fingerprint": fingerprint,
                     "adapter_sha256": adapter.meta["sha256"],
+                    # What the adapter was trained with, so `offsite eval` can say which settings the
+                    # plug-in row used (the adapter's own metadata, already validated above).
+                    "adapter_hyperparameters": adapter.meta.get("hyperparameters"),
                     "kind": spec.kind,
                     "layers": list(spec.layers),
                 }

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -40,6 +41,32 @@ def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> 
         t.add_column(col, justify="left" if i == 0 else "right")
     for row in rows:
         t.add_row(*[str(c) for c in row])
+    return t
+
+
+# How a check's or verdict's status looks on the terminal (every audit uses the same words).
+STATUS_STYLE = {
+    "ok": "[green]ok[/green]",
+    "pass": "[green]pass[/green]",
+    "fail": "[bold red]FAIL[/bold red]",
+    "FAIL": "[bold red]FAIL[/bold red]",
+    "unverified": "[yellow]unverified[/yellow]",
+}
+
+
+def styled_status(status: str) -> str:
+    return STATUS_STYLE.get(status, escape(status))
+
+
+def checks_table(title: str, checks: Iterable[Any]) -> Table:
+    """One row per audit check (objects with name, status, stated, recomputed and detail)."""
+    t = Table(title=escape(title), title_justify="left")
+    for column in ("check", "status", "stated", "recomputed", "detail"):
+        t.add_column(column, overflow="fold")
+    for c in checks:
+        t.add_row(
+            escape(c.name), styled_status(c.status), escape(c.stated), escape(c.recomputed), escape(c.detail)
+        )
     return t
 
 
