@@ -349,7 +349,7 @@ def test_sigterm_cancels_calls_still_running_at_the_drain_deadline(world, state)
     --drain-seconds have passed, and the server still exits 0, long before the stream's own stall timeout."""
     from offsite.formats import submission as envelope_format
 
-    served = ServerProcess(state, free_port(), "--drain-seconds", "2").start()
+    served = ServerProcess(state, free_port(), "--drain-seconds", "1").start()
     try:
         channel, stub = world.stub("alice", served.port)
         creds = world.credentials("alice")
@@ -391,9 +391,9 @@ def test_sigterm_cancels_calls_still_running_at_the_drain_deadline(world, state)
         release.set()
         channel.close()
         assert code == 0
-        assert 2 <= took < transport.STALL_TIMEOUT_S / 2, took  # waited for the drain, not for the stall
+        assert 1 <= took < transport.STALL_TIMEOUT_S / 2, took  # waited for the drain, not for the stall
         assert outcome.get("code") in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE), outcome
-        assert any("draining: calls in flight have 2.0 s" in line for line in served.output)
+        assert any("draining: calls in flight have 1.0 s" in line for line in served.output)
     finally:
         if served.proc.poll() is None:
             served.proc.kill()
