@@ -1,7 +1,7 @@
 """Benchmark: how fast the owner's server moves bundles and adapters, next to a bare gRPC stream.
 
     python benchmarks/bench_transfer.py                 # 1 GiB bundle file, 235 MiB adapter, 3 rounds
-    python benchmarks/bench_transfer.py --quick         # 64 MiB / 15 MiB, 1 round: a smoke run
+    python benchmarks/bench_transfer.py --quick         # 64 MiB / 6 MiB, 1 round: a smoke run (~25 s)
     python benchmarks/bench_transfer.py --json out.json
 
 Everything runs on loopback with real mutual TLS, in one run, interleaved:
@@ -160,7 +160,7 @@ def build(root: Path, size: int, quick: bool) -> Setup:
     small = root / "small-bundle"
     prepare(model, small, PrepareOptions(adapter_bottom=1, adapter_top=1))
     big = padded_bundle(small, root / "big-bundle", size)
-    if quick:  # a 256-wide model instead of GPT-2 XL's width: a 15 MiB adapter
+    if quick:  # a 256-wide model instead of GPT-2 XL's width: a 6 MiB adapter
         model = make_tiny_checkpoint(root / "wide-model", "gpt2", layers=3, hidden=256, distinct=False)
         wide = root / "wide-bundle"
         prepare(model, wide, PrepareOptions(adapter_bottom=1, adapter_top=1))
@@ -541,7 +541,7 @@ def main() -> None:
     p.add_argument("--size-mib", type=int, default=1024, help="size of the bundle file downloaded (MiB)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--call-seconds", type=float, default=2.0, help="how long each small call is repeated")
-    p.add_argument("--quick", action="store_true", help="64 MiB download, 15 MiB upload, one round")
+    p.add_argument("--quick", action="store_true", help="64 MiB download, 6 MiB upload, one round")
     p.add_argument("--work", default=None, help="directory for the temporary state (default: the system's)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
