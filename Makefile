@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.offsite-installed
 
-.PHONY: demo test lint bench setup protos
+.PHONY: demo test test-slow lint bench setup protos
 
 setup: $(STAMP)
 
@@ -24,6 +24,11 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
+
+# The tests marked slow (a 1 GiB bundle served, 32 data owners at once against a real server: about
+# 2 minutes); CI runs them after `make test`.
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_emulator.py

@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import json
 import os
+import queue
 import re
 import shutil
 import threading
@@ -29,6 +30,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import grpc
 
@@ -102,6 +104,62 @@ class Watchdog:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+class ChunkWriter:
+    """Checks each downloaded chunk's sha256, appends it to the file and feeds the whole file's hash, in
+    a thread of its own: receiving the next chunk overlaps checking and writing this one (hashlib and
+    file writes release the GIL), and the file's hash needs no second reading of the file.
+
+    At most ``depth`` chunks wait (memory stays a few MiB). The first error (a chunk that does not match
+    its sha256, a full disk) is raised by the next ``put`` or ``drain``; chunks after it are dropped.
+    """
+
+    def __init__(self, f: BinaryIO, hasher, what: str, depth: int = 4):
+        self._f, self._hasher, self._what = f, hasher, what
+        self._queue: queue.Queue = queue.Queue(depth)
+        self._error: BaseException | None = None
+        self._written = f.tell()
+        self._thread = threading.Thread(target=self._run, name="offsite-chunk-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            try:
+                if self._error is None:
+                    self._write(*item)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                self._error = e
+            finally:
+                self._queue.task_done()
+        self._queue.task_done()
+
+    def _write(self, offset: int, data: bytes, sha256: str) -> None:
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise IntegrityError(f"{self._what}: chunk at offset {offset} does not match its sha256")
+        self._f.write(data)
+        self._hasher.update(data)
+        self._written += len(data)
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def put(self, offset: int, data: bytes, sha256: str) -> None:
+        self._raise()
+        self._queue.put((offset, data, sha256))
+
+    def drain(self) -> int:
+        """Wait until every queued chunk is written; return the bytes in the file."""
+        self._queue.join()
+        self._raise()
+        return self._written
+
+    def close(self) -> None:
+        """Write what is queued (a partial file keeps every checked byte), then end the thread."""
+        self._queue.put(None)
+        self._thread.join()
 
 
 @dataclass
@@ -218,46 +276,60 @@ class OffsiteClient:
         dest.parent.mkdir(parents=True, exist_ok=True)
         part = dest.with_name(dest.name + ".part")
         for attempt in range(2):
-            self._download_part(job_id, rel, part, progress)
-            if sha256_file(part) == digest:
+            if self._download_part(job_id, rel, part, progress) == digest:
                 os.replace(part, dest)
                 return
             part.unlink()  # a corrupt partial (e.g. after a power cut here): fetch the file once more
             if attempt:
                 raise IntegrityError(f"{rel}: the downloaded file does not match the signed manifest")
 
-    def _download_part(self, job_id: str, rel: str, part: Path, progress: Progress) -> None:
+    def _download_part(self, job_id: str, rel: str, part: Path, progress: Progress) -> str:
+        """Download ``rel`` into ``part`` from the size it has; return the sha256 of the whole file.
+
+        Chunks are checked and written by a ``ChunkWriter`` thread while the next ones arrive."""
         backoff = self._backoff()
         update = None
         with open(part, "ab") as f:
-            while True:
-                offset = f.tell()
-                call = self.stub.DownloadFile(pb.DownloadFileRequest(job_id=job_id, path=rel, offset=offset))
-                dog = Watchdog(transport.STALL_TIMEOUT_S).watch(call)
-                try:
-                    for chunk in call:
-                        dog.touch()
-                        if chunk.offset != offset:
-                            raise IntegrityError(f"{rel}: chunk at offset {chunk.offset}, expected {offset}")
-                        if hashlib.sha256(chunk.data).hexdigest() != chunk.sha256:
-                            raise IntegrityError(f"{rel}: chunk at offset {offset} does not match its sha256")
-                        if update is None:
-                            update = progress(rel, chunk.file_size)
-                        f.write(chunk.data)
-                        offset += len(chunk.data)
-                        update(offset)
-                        backoff.progress()
-                        if offset >= chunk.file_size:
-                            f.flush()
-                            return
-                    raise OffsiteError(f"{rel}: the server ended the download at byte {offset}")
-                except grpc.RpcError as e:
-                    f.flush()
-                    if not (retryable(e) or (e.code() == grpc.StatusCode.CANCELLED and dog.fired)):
-                        raise server_error(e) from None
-                    backoff.wait(e)
-                finally:
-                    dog.stop()
+            hasher = hashlib.sha256()
+            with open(part, "rb") as held:  # a partial file from an earlier run: hashed once, here
+                while block := held.read(transport.CHUNK_BYTES):
+                    hasher.update(block)
+            writer = ChunkWriter(f, hasher, rel)
+            try:
+                while True:
+                    offset = writer.drain()  # every byte before it is checked and written
+                    call = self.stub.DownloadFile(
+                        pb.DownloadFileRequest(job_id=job_id, path=rel, offset=offset)
+                    )
+                    dog = Watchdog(transport.STALL_TIMEOUT_S).watch(call)
+                    try:
+                        for chunk in call:
+                            dog.touch()
+                            if chunk.offset != offset:
+                                raise IntegrityError(
+                                    f"{rel}: chunk at offset {chunk.offset}, expected {offset}"
+                                )
+                            data = chunk.data  # each access copies the bytes: once
+                            if update is None:
+                                update = progress(rel, chunk.file_size)
+                            writer.put(offset, data, chunk.sha256)
+                            offset += len(data)
+                            update(offset)
+                            backoff.progress()
+                            if offset >= chunk.file_size:
+                                writer.drain()
+                                f.flush()
+                                return hasher.hexdigest()
+                        raise OffsiteError(f"{rel}: the server ended the download at byte {offset}")
+                    except grpc.RpcError as e:
+                        if not (retryable(e) or (e.code() == grpc.StatusCode.CANCELLED and dog.fired)):
+                            raise server_error(e) from None
+                        backoff.wait(e)
+                    finally:
+                        dog.stop()
+            finally:
+                writer.close()
+                f.flush()
 
     # -- submit -----------------------------------------------------------------------------------
     def _pending_path(self, job_id: str, files: list[dict]) -> Path:

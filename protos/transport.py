@@ -12,6 +12,9 @@ The numbers follow two rules (docs/service.md explains them to operators):
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+
 MiB = 1 << 20
 
 #: Size of the chunks both sides send (bundle files down, submission files up).
@@ -54,6 +57,30 @@ RETRY_BUDGET_S = 120.0
 _KEEPALIVE_TIME_MS = 30_000
 _KEEPALIVE_TIMEOUT_MS = 10_000
 _MIN_PING_INTERVAL_MS = 10_000
+
+
+#: glibc's malloc serves blocks this large from its heap, and keeps this much free memory at the heap's
+#: top, instead of mapping fresh pages for every chunk-sized buffer and returning them on free: every
+#: chunk allocates a few 1 MiB buffers (the message, its serialised bytes, the bytes a field access
+#: copies), and faulting in 256 fresh pages for each cost more CPU than hashing the chunk
+#: (docs/benchmarks.md, "Transfers"). The threshold is above the largest message.
+MALLOC_MMAP_THRESHOLD = 8 * MiB
+MALLOC_TRIM_THRESHOLD = 32 * MiB
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from glibc's malloc.h
+
+
+def tune_allocator() -> bool:
+    """Set the malloc thresholds above for this process (``offsite serve``, the client commands); False
+    where the C library has no ``mallopt`` (not glibc), which changes nothing else."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(
+        mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD)
+        and mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD)
+    )
 
 
 def server_options() -> list[tuple[str, int]]:

@@ -12,7 +12,8 @@ Mutual TLS always: the server presents ``STATE/tls/server.pem`` and requires a c
 that chains to ``STATE/ca/ca.pem``; the CA's key is never read. The standard health service
 (``grpc.health.v1``) and reflection are served on the same port under the same TLS. On SIGTERM or
 SIGINT the server reports NOT_SERVING, stops accepting calls, lets calls in flight finish for up to
-``transport.DRAIN_GRACE_S`` seconds and exits 0.
+``grace`` seconds (``transport.DRAIN_GRACE_S``, or ``offsite serve --drain-seconds``), cancels those
+still running (their clients resume later) and exits 0.
 
 ``insecure_loopback``: plaintext on a loopback address, health only (for tests of the process
 itself); any other address is refused.
@@ -151,6 +152,7 @@ def run(
     grace: float = transport.DRAIN_GRACE_S,
 ) -> int:
     """Serve until SIGTERM or SIGINT, then drain and return 0."""
+    transport.tune_allocator()
     server = OffsiteServer(state_dir, host, port, insecure_loopback)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

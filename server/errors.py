@@ -105,7 +105,8 @@ _CODES: tuple[tuple[type[OffsiteError], grpc.StatusCode], ...] = (
     (OffsetError, grpc.StatusCode.OUT_OF_RANGE),
     (IncompleteUploadError, grpc.StatusCode.FAILED_PRECONDITION),
     (ChunkIntegrityError, grpc.StatusCode.DATA_LOSS),
-    (LimitError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    # Not RESOURCE_EXHAUSTED: that is also gRPC's "server full", which clients retry; a limit is final.
+    (LimitError, grpc.StatusCode.OUT_OF_RANGE),
     (PolicyError, grpc.StatusCode.FAILED_PRECONDITION),
     (BudgetError, grpc.StatusCode.FAILED_PRECONDITION),
     (BusyError, grpc.StatusCode.ABORTED),

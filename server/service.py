@@ -43,7 +43,7 @@ from offsite.server.storage.base import (
     SubmissionState,
     utc_now,
 )
-from offsite.server.transfer import Chunk, UploadWriter, read_chunks
+from offsite.server.transfer import Chunk, ChunkHashes, UploadWriter, read_chunks
 from offsite.wire import transport
 
 log = logging.getLogger("offsite.server")
@@ -79,6 +79,7 @@ class OffsiteService:
         self.state = state
         self.storage = state.storage
         self._clock = clock
+        self._chunk_hashes = ChunkHashes()
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._budget_locks: dict[tuple[str, str], threading.Lock] = {}
@@ -114,7 +115,7 @@ class OffsiteService:
         if not isinstance(digest, str):
             raise NotFoundError(f"bundle of job {job_id} has no file {path!r}")
         with self.state.blobs.open(digest) as f:
-            yield from read_chunks(f, offset)
+            yield from read_chunks(f, offset, known=self._chunk_hashes.of(digest, transport.CHUNK_BYTES))
 
     # -- submissions ------------------------------------------------------------------------------
     def begin_submission(self, caller: Caller, envelope: bytes, signature: bytes) -> SubmissionRecord:

@@ -17,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,8 +40,48 @@ class Chunk:
     file_size: int
 
 
-def read_chunks(f: BinaryIO, offset: int, chunk_bytes: int = transport.CHUNK_BYTES) -> Iterator[Chunk]:
-    """Chunks of the open file ``f`` from ``offset`` to its end (one empty chunk if there is nothing left)."""
+class ChunkHashes:
+    """The sha256 of each ``chunk_bytes``-aligned chunk of stored files, remembered once computed.
+
+    Stored files never change (each is named by its content's hash), and every data owner on a job
+    downloads the same bundle: a chunk is hashed once per server run instead of once per download
+    (hashing is the largest share of the server's work in serving a file). A chunk whose bytes changed
+    on disk since (bit rot, tampering) then goes out with the hash of the bytes it had, and the client
+    refuses it, where a hash computed at send time would vouch for the changed bytes. At most
+    ``max_chunks`` hashes are kept (64 bytes each, plus the dict's): the least recently served files
+    are forgotten first.
+    """
+
+    def __init__(self, max_chunks: int = 1 << 18):
+        self._files: OrderedDict[tuple[str, int], dict[int, str]] = OrderedDict()
+        self._count = 0
+        self._max = max_chunks
+        self._lock = threading.Lock()
+
+    def of(self, sha256: str, chunk_bytes: int) -> dict[int, str]:
+        """The (shared, growing) table index -> sha256 of one stored file's chunks."""
+        key = (sha256, chunk_bytes)
+        with self._lock:
+            self._count = sum(len(t) for t in self._files.values())
+            while self._count > self._max and self._files:
+                _, dropped = self._files.popitem(last=False)
+                self._count -= len(dropped)
+            table = self._files.setdefault(key, {})
+            self._files.move_to_end(key)
+            return table
+
+
+def read_chunks(
+    f: BinaryIO,
+    offset: int,
+    chunk_bytes: int = transport.CHUNK_BYTES,
+    known: dict[int, str] | None = None,
+) -> Iterator[Chunk]:
+    """Chunks of the open file ``f`` from ``offset`` to its end (one empty chunk if there is nothing left).
+
+    Chunks are aligned to multiples of ``chunk_bytes`` (a resumed download's first chunk runs to the next
+    boundary). ``known`` (from ``ChunkHashes``, for stored files only) holds the aligned chunks' hashes
+    already computed, and gets the new ones."""
     size = os.fstat(f.fileno()).st_size
     if offset > size:
         raise OffsetError(f"offset {offset} is past the end of the file ({size} bytes)")
@@ -48,10 +90,16 @@ def read_chunks(f: BinaryIO, offset: int, chunk_bytes: int = transport.CHUNK_BYT
         yield Chunk(offset, b"", hashlib.sha256(b"").hexdigest(), size)
         return
     while offset < size:
-        data = f.read(min(chunk_bytes, size - offset))
+        aligned = offset % chunk_bytes == 0
+        data = f.read(min(chunk_bytes - offset % chunk_bytes, size - offset))
         if not data:  # the file shrank under us: stored files never do, so this is a broken disk
             raise OffsetError(f"file ended at {offset} of {size} bytes")
-        yield Chunk(offset, data, hashlib.sha256(data).hexdigest(), size)
+        digest = known.get(offset // chunk_bytes) if known is not None and aligned else None
+        if digest is None:
+            digest = hashlib.sha256(data).hexdigest()
+            if known is not None and aligned:
+                known[offset // chunk_bytes] = digest
+        yield Chunk(offset, data, digest, size)
         offset += len(data)
 
 

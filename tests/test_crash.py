@@ -18,6 +18,7 @@ from offsite.prepare import PrepareOptions, prepare
 from offsite.server import admin
 from offsite.server.owner_state import OwnerState
 from offsite.server.storage.base import SubmissionState
+from offsite.wire import transport
 from offsite.wire.v1 import offsite_pb2 as pb
 
 
@@ -138,10 +139,16 @@ def test_kill_9_mid_download_then_resume(world, state, big_job, tmp_path):
 
             return update
 
-        with world.client("alice", served.port, retry_budget=60) as c:
+        retries: list[tuple[str, float]] = []
+        on_retry = lambda message, delay: retries.append((message, delay))  # noqa: E731
+        with world.client("alice", served.port, retry_budget=60, on_retry=on_retry) as c:
             bundle = c.fetch("big", tmp_path / "fetched", progress=progress)
         assert crash["restart"] is not None
         crash["restart"].join()
+        # the client met the dead server (UNAVAILABLE) and waited, with growing bounds, until it was back
+        assert retries and all(m.startswith("UNAVAILABLE") for m, _ in retries), retries
+        bounds = [min(transport.RETRY_MAX_S, transport.RETRY_INITIAL_S * 2**i) for i in range(len(retries))]
+        assert all(0 <= d <= b for (_, d), b in zip(retries, bounds, strict=True)), retries
         emulator = seen["emulator/model.safetensors"]
         assert len(emulator) > 3 and emulator == sorted(emulator)  # resumed at the offset held: nothing twice
         for rel, digest in bundle.manifest["files"].items():
@@ -155,29 +162,64 @@ def test_kill_9_mid_download_then_resume(world, state, big_job, tmp_path):
     _blobs_are_whole(state)
 
 
-def test_an_interrupted_fetch_continues_on_the_next_run(world, served, tmp_path):
+def test_an_interrupted_fetch_continues_on_the_next_run(world, state, served, big_job, tmp_path):
+    with OwnerState(state) as s:  # published while the server runs: it reads the same database
+        admin.publish(s, big_job, job_id="big", clients=["alice"], max_epsilon=10, max_delta=1e-3)
+    rel = "emulator/model.safetensors"
+
     class Stop(Exception):
         pass
 
     def interrupting(name, size):
         def update(done):
-            if name == "initial_adapter.safetensors":
+            if name == rel and done >= 2 * transport.CHUNK_BYTES:
                 raise Stop
 
         return update
 
     with world.client("alice", served.port, retry_budget=5) as c, pytest.raises(Stop):
-        c.fetch("j1", tmp_path / "fetched", progress=interrupting)
+        c.fetch("big", tmp_path / "fetched", progress=interrupting)
     stage = tmp_path / ".fetched.fetch" / "bundle"
     kept = sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file())
-    assert "initial_adapter.safetensors.part" in kept and len(kept) > 1  # earlier files and a partial one
-    fetched: list[str] = []
+    assert rel + ".part" in kept and len(kept) > 1  # earlier files and a partial one
+    held = (stage / (rel + ".part")).stat().st_size
+    assert held >= 2 * transport.CHUNK_BYTES  # every chunk received before the interruption was kept
+    seen: dict[str, list[int]] = {}
+
+    def recording(name, size):
+        seen[name] = []
+        return seen[name].append
+
     with world.client("alice", served.port) as c:
-        c.fetch(
-            "j1", tmp_path / "fetched", progress=lambda name, size: fetched.append(name) or (lambda d: None)
-        )
-    assert "emulator/model.safetensors" not in fetched  # complete files were kept, not fetched again
+        c.fetch("big", tmp_path / "fetched", progress=recording)
+    done_before = [f for f in kept if not f.endswith(".part")]
+    assert done_before and not set(done_before) & set(seen)  # complete files were kept, not fetched again
+    assert held < seen[rel][0] <= held + transport.CHUNK_BYTES  # the partial file continued at its end
+    assert (tmp_path / "fetched" / rel).read_bytes() == (big_job / rel).read_bytes()
     assert not (tmp_path / ".fetched.fetch").exists()
+
+
+def test_backoff_waits_within_growing_bounds_and_gives_up_after_its_budget():
+    """Against a port where nothing listens: a real UNAVAILABLE."""
+    from offsite.client.connection import Backoff, ServerError
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{free_port()}")
+    with pytest.raises(grpc.RpcError) as info:
+        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    channel.close()
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    delays: list[float] = []
+    backoff = Backoff(budget=1.0, on_retry=lambda message, delay: delays.append(delay))
+    started = time.monotonic()
+    with pytest.raises(ServerError, match="UNAVAILABLE|unavailable"):
+        while True:
+            backoff.wait(info.value)
+    assert time.monotonic() - started >= 1.0 and len(delays) >= 2
+    bounds = [min(transport.RETRY_MAX_S, transport.RETRY_INITIAL_S * 2**i) for i in range(len(delays))]
+    assert all(0 <= d <= b for d, b in zip(delays, bounds, strict=True))
+    backoff.progress()  # progress starts the count and the budget again
+    backoff.wait(info.value)
+    assert delays[-1] <= transport.RETRY_INITIAL_S
 
 
 def test_sigterm_drains_calls_in_flight_and_exits_cleanly(world, served):
@@ -266,3 +308,93 @@ def test_received_submission_is_decided_after_a_crash(world, state):
     with OwnerState(state) as s:
         assert s.storage.get_submission(record.submission_id).state == SubmissionState.ACCEPTED
         assert record.submission_id not in s.uploads.present()
+
+
+def test_a_stored_chunk_that_rots_after_it_was_served_is_refused(world, state, big_job, tmp_path):
+    """The server hashes a stored file's chunks once and reuses the hashes: bytes that change on its disk
+    afterwards go out with the hash of the bytes they had, and the client refuses that chunk and keeps
+    every checked byte before it."""
+    from offsite.errors import IntegrityError
+    from offsite.server.app import OffsiteServer
+
+    rel = "emulator/model.safetensors"
+    original = (big_job / rel).read_bytes()
+    assert len(original) > 3 * transport.CHUNK_BYTES
+    with OwnerState(state) as s:
+        admin.publish(s, big_job, job_id="big", clients=["alice"], max_epsilon=10, max_delta=1e-3)
+        blob = s.blobs.path(sha256_file(big_job / rel))
+    server = OffsiteServer(state, "127.0.0.1", 0)
+    port = server.start()
+    try:
+        with world.client("alice", port) as c:
+            c.fetch("big", tmp_path / "first")
+        bad_at = 2 * transport.CHUNK_BYTES + 5
+        blob.chmod(0o600)
+        with open(blob, "r+b") as f:  # bit rot: same size, one byte changed in the third chunk
+            f.seek(bad_at)
+            f.write(bytes([original[bad_at] ^ 0xFF]))
+        with (
+            world.client("alice", port) as c,
+            pytest.raises(IntegrityError, match="does not match its sha256"),
+        ):
+            c.fetch("big", tmp_path / "second")
+        part = tmp_path / ".second.fetch" / "bundle" / (rel + ".part")
+        assert part.read_bytes() == original[: 2 * transport.CHUNK_BYTES]
+    finally:
+        server.stop(grace=1)
+
+
+def test_sigterm_cancels_calls_still_running_at_the_drain_deadline(world, state):
+    """A call that would outlive the drain (here an upload stream that stalls) is cancelled when
+    --drain-seconds have passed, and the server still exits 0, long before the stream's own stall timeout."""
+    from offsite.formats import submission as envelope_format
+
+    served = ServerProcess(state, free_port(), "--drain-seconds", "1").start()
+    try:
+        channel, stub = world.stub("alice", served.port)
+        creds = world.credentials("alice")
+        files = envelope_format.files_of(world.adapter)
+        envelope = envelope_format.make_envelope("j1", "alice", files)
+        sid = stub.BeginSubmission(
+            pb.BeginSubmissionRequest(
+                envelope=envelope, signature=envelope_format.sign_envelope(envelope, creds.signing_key)
+            ),
+            timeout=30,
+        ).submission_id
+        release, sent = threading.Event(), threading.Event()
+
+        def stalling():
+            data = b"x" * 100
+            yield pb.WriteSubmissionRequest(
+                submission_id=sid, offset=0, data=data, sha256=hashlib.sha256(data).hexdigest()
+            )
+            sent.set()
+            release.wait(120)  # then nothing more: the stream stays open, idle
+
+        outcome = {}
+
+        def upload():
+            try:
+                stub.WriteSubmission(stalling(), timeout=120)
+            except grpc.RpcError as e:
+                outcome["code"] = e.code()
+
+        t = threading.Thread(target=upload)
+        t.start()
+        assert sent.wait(30)
+        time.sleep(0.5)  # the server is in the call
+        served.proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        code = served.proc.wait(timeout=60)
+        took = time.monotonic() - started
+        t.join(timeout=30)
+        release.set()
+        channel.close()
+        assert code == 0
+        assert 1 <= took < transport.STALL_TIMEOUT_S / 2, took  # waited for the drain, not for the stall
+        assert outcome.get("code") in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE), outcome
+        assert any("draining: calls in flight have 1.0 s" in line for line in served.output)
+    finally:
+        if served.proc.poll() is None:
+            served.proc.kill()
+            served.proc.wait()

@@ -483,3 +483,17 @@ def test_an_adapter_whose_spec_is_not_the_bundles_is_a_mismatch(tmp_path):
         )
     with pytest.raises(MismatchError, match="is not the bundle's"):
         plug(lora["model"], lora["adapter"], tmp_path / "merged", manifest_from_bundle_dir(lora["bundle"]))
+
+
+def test_non_finite_values_are_found_in_any_block_of_a_large_tensor():
+    """The finite check runs block by block (bounded memory on the server); a bad value in the last
+    block of a tensor, or in a tensor after a clean one, is found all the same."""
+    n = adapter_module._FINITE_BLOCK * 2 + 3
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            t = torch.zeros(n, dtype=dtype)
+            t[-1] = bad
+            tensors = {"a.clean": torch.zeros(5, 7), "b.bad": t}
+            with pytest.raises(FormatError, match="tensor b.bad contains NaN or infinite values"):
+                adapter_module._check_finite(tensors, "adapter")
+    adapter_module._check_finite({"w": torch.zeros(n), "steps": torch.zeros(3, dtype=torch.int64)}, "adapter")

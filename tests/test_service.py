@@ -326,15 +326,29 @@ def test_upload_over_the_size_limit(world, stub, tmp_path):
         f.write(b"\0" * (2 << 20))  # the job allows the tensors' bytes + 1 MiB
     refused(
         lambda: begin(world, stub, adapter),
-        Code.RESOURCE_EXHAUSTED,
+        Code.OUT_OF_RANGE,
         "adapter.safetensors is",
         "accepts at most",
     )
     data = payload(world.adapter)
     sid = begin(world, stub, world.adapter).submission_id
-    refused(
-        lambda: write(stub, messages(sid, data + b"more", finish=False)), Code.RESOURCE_EXHAUSTED, "past the"
-    )
+    refused(lambda: write(stub, messages(sid, data + b"more", finish=False)), Code.OUT_OF_RANGE, "past the")
+
+
+def test_the_client_gives_up_at_once_on_an_adapter_over_the_limit(world, server, tmp_path):
+    """A size limit is final: the client reports it at once instead of retrying (as it does a full
+    server) until its retry budget runs out."""
+    adapter = adapter_copy(world, tmp_path)
+    with open(adapter / "adapter.safetensors", "ab") as f:
+        f.write(b"\0" * (2 << 20))
+    retries = []
+    with (
+        world.client("alice", server, on_retry=lambda *a: retries.append(a)) as c,
+        pytest.raises(ServerError, match="accepts at most") as info,
+    ):
+        c.submit("j1", adapter)
+    assert info.value.code == Code.OUT_OF_RANGE
+    assert retries == []
 
 
 def test_random_bytes(world, stub, tmp_path):

@@ -118,6 +118,9 @@ def test_mission_over_the_wire(tmp_path, capsys, monkeypatch):
         assert [(j["job_id"], j["signature"]) for j in jobs] == [("j1", "ok")]
         fetched = offsite(capsys, "client", "fetch", "j1", "--out", tmp_path / "fetched", "--json")
         assert fetched["bundle_id"] == job["bundle_id"]
+        shown = offsite(capsys, "client", "fetch", "j1", "--out", tmp_path / "fetched-again")["err"]
+        files = json.loads((tmp_path / "fetched" / "manifest.json").read_text())["files"]
+        assert all(rel in shown for rel in files), shown  # without --json: a progress bar per file, on stderr
         # the target is the smallest of the limits: the job's 10, the grant's 6 (at the grant's δ), --epsilon 8
         trained = offsite(
             capsys,

@@ -50,3 +50,30 @@ def test_a_full_chunk_fits_in_a_message_on_both_sides():
         assert limits["grpc.max_send_message_length"] == transport.MAX_MESSAGE_BYTES
     assert transport.CHUNK_BYTES <= transport.MAX_CHUNK_BYTES
     assert Path(generate.PROTO_DIR / generate.PROTO_NAME).is_file()
+
+
+def test_remembered_chunk_hashes_are_bounded_and_reused(tmp_path):
+    import hashlib
+
+    from offsite.server.transfer import ChunkHashes, read_chunks
+
+    data = bytes(range(256)) * 40  # 10240 bytes: chunks of 4096, 4096, 2048
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    hashes = ChunkHashes(max_chunks=4)
+    table = hashes.of("f", 4096)
+    with open(path, "rb") as f:
+        first = list(read_chunks(f, 0, 4096, known=table))
+    assert [c.sha256 for c in first] == [
+        hashlib.sha256(data[i : i + 4096]).hexdigest() for i in (0, 4096, 8192)
+    ]
+    assert table == {0: first[0].sha256, 1: first[1].sha256, 2: first[2].sha256}
+    with open(path, "rb") as f:  # a resumed download: the first, unaligned chunk is hashed, not looked up
+        resumed = list(read_chunks(f, 100, 4096, known=table))
+    assert [c.offset for c in resumed] == [100, 4096, 8192] and len(resumed[0].data) == 3996
+    assert resumed[0].sha256 == hashlib.sha256(data[100:4096]).hexdigest() and len(table) == 3
+    assert hashes.of("f", 4096) is table and hashes.of("f", 2048) is not table  # per chunk size
+    other = hashes.of("g", 4096)
+    other.update({0: "a", 1: "b"})  # 5 hashes held, more than 4: the least recently used file goes
+    assert hashes.of("g", 4096) is other
+    assert hashes.of("f", 4096) == {}

@@ -208,7 +208,9 @@ def cmd_keys_install(args: argparse.Namespace) -> int:
 def _client(args: argparse.Namespace):
     from offsite.client import identity
     from offsite.client.transfers import OffsiteClient
+    from offsite.wire import transport
 
+    transport.tune_allocator()
     keys = _keys_dir(args)
     credentials = identity.load_credentials(keys)
 

@@ -15,10 +15,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "owner enrol` list their jobs, download signed bundles and upload adapters with signed receipts, "
         "which are checked before they count. Needs `offsite owner init` first; reads the server "
         "certificate and key, never the CA key. Health (grpc.health.v1) and reflection are on the same "
-        "port. SIGTERM or Ctrl-C drains calls in flight (up to 30 s) and exits. docs/service.md says how "
-        "to expose it to the internet.",
+        "port. SIGTERM or Ctrl-C drains calls in flight (up to --drain-seconds) and exits 0. docs/service.md "
+        "says how to expose it to the internet.",
     )
     from offsite.cli.owner_service import add_state_argument
+    from offsite.wire import transport
 
     add_state_argument(p)
     p.add_argument(
@@ -26,6 +27,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--port", type=int, default=None, help="port (default: the one given to `owner init`, 50051)"
+    )
+    p.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=transport.DRAIN_GRACE_S,
+        metavar="S",
+        help=f"on SIGTERM or Ctrl-C, how long calls in flight may run before they are cancelled "
+        f"(default {transport.DRAIN_GRACE_S:.0f}; keep it below your supervisor's kill timeout)",
     )
     p.add_argument(
         "--insecure-loopback",
@@ -53,4 +62,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # Tests and scripts read this line to learn the port (with --port 0).
         print(f"serving on {app.address(server.host, server.port)} ({mode}); state {state}", flush=True)
 
-    return app.run(state, args.host, args.port, args.insecure_loopback, on_ready=ready)
+    if not args.drain_seconds >= 0:  # also refuses nan
+        from offsite.errors import OffsiteError
+
+        raise OffsiteError(f"--drain-seconds must be 0 or more, not {args.drain_seconds}")
+    return app.run(
+        state, args.host, args.port, args.insecure_loopback, on_ready=ready, grace=args.drain_seconds
+    )
