@@ -1,8 +1,9 @@
 """Auditing the owner's privacy ledger without trusting the owner: what `offsite audit ledger` reports.
 
 Input: an owner's state directory (its SQLite ledger, read-only) or an export file
-(``offsite owner export-ledger``); optionally the owner's public key, pinned (``owner_pubkey``), and a
-directory of checkpoints that data owners kept (``checkpoints``). In this order:
+(``offsite owner export-ledger``); optionally the owner's public key, pinned (``owner_pubkey``), data
+owners' receipt keys, pinned (``client_keys``), and a directory of checkpoints that data owners kept
+(``checkpoints``). In this order:
 
 1. **The owner key**: the pinned one, else the one the state or export records (reported as not pinned:
    whoever could rewrite the ledger could then also have replaced the key).
@@ -11,22 +12,28 @@ directory of checkpoints that data owners kept (``checkpoints``). In this order:
    *edited* (its bytes no longer match the owner's signature, or it was changed and re-signed so that
    the next entry no longer chains to it), *deleted* (entries missing before it), *reordered*,
    *inserted* (an entry not signed by the owner, or a signed entry copied in a second time), *forged
-   receipt* (a submission whose receipt is not signed by the key the data owner enrolled, as the ledger
-   recorded it). Nothing after the first bad entry is trusted or accounted.
+   receipt* (a submission whose receipt is not signed by the key the data owner first enrolled, as the
+   ledger recorded it, or by the key the auditor pinned for it). Nothing after the first bad entry is
+   trusted or accounted. An export whose ``head_index`` is past its last entry is *truncated*.
 4. **Checkpoints**: each must be signed by the owner key; a ledger shorter than a checkpoint's index is
    *truncated*, one whose entry at that index has another hash (or another entry 0) is *forked*.
 5. **The recorded clients** (the state's table or the export's list) must match their enrolments in the
-   ledger (receipt keys, certificate pins, revocations).
+   ledger (receipt keys, certificate pins, revocations); **client keys**: an enrolled receipt key that
+   differs from the pinned one fails; the report says which keys were pinned and which only read from
+   the ledger. **Ledger records**: one enrolment per client id (a second is a failure; the first key is
+   kept), no grant for a client never enrolled, no submission after its client's revocation, every
+   plug-in of an earlier accepted submission with its adapter, entry times never going backwards.
 6. **Budgets, recomputed**: the ledger is replayed; for every accepted submission the union of the
    dataset's receipts' cumulative histories (``ledger_budget``, the rule the server enforces) is composed
    at the grant's δ with two independent accountants, Opacus' PRV (upper bound) and Google's
    dp-accounting PLD (pessimistic). No stated ε (the server's, and the receipt's cumulative ε) may be below
    the tighter of the two by more than the stated tolerance; no grant may be exceeded (the tighter
    recomputation above the grant's ε by more than ``GRANT_RTOL``); every submission needs a grant and a
-   receipt that states every run recorded before it.
+   receipt that states every run recorded before it, for the adapter and bundle its entry accepted.
 7. **Unsafe settings** are flagged: δ ≥ q for some phase (δ ≥ 1/N whenever the expected batch holds at
    least one record), seeded noise, sampling other than Poisson, an ε from an accountant that can
-   underestimate (Opacus' GDP, PRV's estimate instead of its upper bound), δ too large for the size bucket.
+   underestimate (Opacus' GDP, PRV's estimate instead of its upper bound; for the server's ε, any accountant
+   not in ``SAFE_ACCOUNTANTS``), δ too large for the size bucket.
 
 Any failed check makes ``report.ok`` false (and the command's exit status 1). A non-private adapter
 accepted under a job that allowed it is shown (no guarantee covers its data), not failed.
