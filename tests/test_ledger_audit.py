@@ -685,6 +685,8 @@ def test_pinned_client_keys(ledger, tmp_path, capsys):
     )
     code, out, _ = run(capsys, "audit", "ledger", ledger["export"], "--client-key", f"bob={pem}", "--json")
     assert code == 0 and json.loads(out)["clients"][1]["receipt_key_pinned"] is True
+    code, _, err = run(capsys, "audit", "ledger", ledger["export"], "--client-key", f"bob={pem}")
+    assert code == 0 and "not pinned (--client-key): alice" in err
     code, _, err = run(capsys, "audit", "ledger", ledger["export"], "--client-key", str(pem))
     assert code == 2 and "CLIENT_ID=PEM" in err
 

@@ -115,6 +115,11 @@ def print_report(report) -> None:
         console.print(f"[bold red]first bad entry[/bold red]: {where}: {report.first_bad.kind}")
     if not report.owner_key_pinned:
         warn("the owner key was not pinned (--owner-pubkey): it was read from the ledger's own records")
+    unpinned = [
+        c.client_id for c in report.clients.values() if c.enrolled_at_entry is not None and not c.key_pinned
+    ]
+    if unpinned:
+        warn(f"receipt keys read from the ledger, not pinned (--client-key): {escape(', '.join(unpinned))}")
     style = "green" if report.ok else "bold red"
     console.print(f"[{style}]{escape(report.verdict)}[/{style}]")
 
