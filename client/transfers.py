@@ -397,8 +397,10 @@ class OffsiteClient:
             return None, ""
         try:
             return checkpoints.store(self.keys_dir, data, self.credentials.owner_key), ""
+        except checkpoints.LedgerForkError as e:
+            return e.path, f"kept, but {e}"
         except OffsiteError as e:
-            return None, str(e)
+            return None, f"NOT kept: {e}"
 
     def _with_checkpoint(self, result: SubmitResult) -> SubmitResult:
         result.checkpoint, result.checkpoint_problem = self.keep_checkpoint(

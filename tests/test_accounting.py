@@ -159,6 +159,25 @@ def test_bad_entries_name_the_field(entry, field):
         epsilon_rdp([entry], DELTA)
 
 
+def test_a_sigma_below_the_floor_is_refused_and_accountant_arithmetic_errors_are_accounting_errors():
+    """σ = 5e-324 makes Opacus' compute_rdp divide by zero: entries refuse it by name; and should an
+    accountant still hit an arithmetic error, it comes out as an AccountingError, never a traceback."""
+    tiny = {"mechanism": accounting.MECHANISM, "noise_multiplier": 5e-324, "sample_rate": 0.1, "steps": 1}
+    for account in (epsilon_rdp, epsilon_prv, accounting.epsilon_pld):
+        with pytest.raises(FormatError, match=r"history\[0\]\.noise_multiplier: σ = 5e-324 is below 0\.001"):
+            account([tiny], DELTA)
+    assert epsilon_rdp([make_entry(accounting.SIGMA_FLOOR, 0.1, 1)], DELTA) > 1e5  # the floor itself is valid
+    key = ((1e-300, 0.1, 1),)  # past the validation, straight into the accountants
+    for account in (
+        lambda: accounting._rdp_grouped(key, DELTA),
+        lambda: accounting._prv_upper_grouped(key, DELTA, 0.01),
+        lambda: accounting._pld_grouped(key, DELTA),
+        lambda: accounting._rdp_integer_orders_grouped(key, DELTA),
+    ):
+        with pytest.raises(accounting.AccountingError, match="ZeroDivisionError|could not compute"):
+            account()
+
+
 # ---------------------------------------------------------------------------------------- history
 
 

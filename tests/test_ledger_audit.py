@@ -12,11 +12,13 @@ import os
 import shutil
 import sqlite3
 import subprocess
+from dataclasses import replace
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from ledger_kit import (
     DELTA,
+    DataOwner,
     Q,
     accept,
     checkpoint_at,
@@ -224,6 +226,7 @@ def test_owner_signed_nonsense_is_named_not_a_traceback(ledger, tmp_path):
         state.storage.append_ledger(state.ledger.maker(entry))
     report = audit_ledger(state_dir, owner_pubkey=ledger["pub"])
     assert report.first_bad.kind == "forged receipt"
+    assert "2025-13-45T99:99:99Z, which is not a date" in report.check("ledger records").detail
     assert "ledger-plot" in render_html(report)
 
 
@@ -549,3 +552,164 @@ def test_the_html_report_is_self_contained_and_chromium_draws_its_plots(ledger, 
     # their colours than the legends and markers alone have (about 300 and 130)
     assert count_colour(data, rgb(PRV_COLOUR)) > 800
     assert count_colour(data, rgb(GRANT_COLOUR)) > 600
+
+
+# ------------------------------------------------------------------------------------------ review findings
+
+ABA = [("run-r", 1.0, 8), ("run-r", 2.0, 8), ("run-r", 1.0, 16)]  # σ 1.0, then 2.0, then 1.0 again
+
+
+def test_a_run_that_returns_to_an_earlier_phase_counts_both_phases(fresh):
+    """Two phases with the same (run id, σ, q) in one history are both spent: the union sums them (and takes
+    the largest of such sums across receipts), so the server refuses what the data owner's own accounting
+    (ε 3.906) puts above the grant of 3.5, and the audit recomputes the same."""
+    state_dir, alice = fresh
+    union = ledger_budget.union([[{"run_id": r, **make_entry(s, Q, n)} for r, s, n in ABA]])
+    assert sorted((e["noise_multiplier"], e["steps"]) for e in union) == [(1.0, 24), (2.0, 8)]
+    assert ledger_budget.union([union, union]) == union  # a later receipt repeating it adds nothing
+    signed = receipt(alice, "clinic", ABA)
+    local = json.loads(signed[0])["epsilon"]["cumulative"]["prv_upper"]
+    assert ledger_budget.spent(union, DELTA) == pytest.approx(local) and local > 3.5
+    shorter = [{"run_id": "run-r", **make_entry(1.0, Q, 16)}, {"run_id": "run-r", **make_entry(2.0, Q, 8)}]
+    assert "states 16 steps for run run-r" in ledger_budget.omission(union, shorter)
+    with OwnerState(state_dir) as state:
+        with pytest.raises(GrantExceededError, match="exceed the grant"):
+            accept(state, "alice", "clinic", signed)
+        # an owner that admitted it by the old rule (the larger phase only: ε 3.318) fails the audit
+        old_rule = ledger_budget.spent(shorter, DELTA)
+        assert old_rule < 3.5
+        accept(state, "alice", "clinic", signed, check=False, spent=spent(old_rule), grant_index=3)
+    report = audited(state_dir)
+    assert "grant exceeded" in report.check("grants").detail
+    assert "below the recomputed" in report.check("ε recomputed (PRV, PLD)").detail
+
+
+def test_a_second_enrolment_cannot_replace_a_receipt_key(fresh):
+    state_dir, _ = fresh
+    impostor = DataOwner("alice", Ed25519PrivateKey.generate())
+    with OwnerState(state_dir) as state:
+        state.storage.append_ledger(state.ledger.maker(records.enrol_record(impostor.record)))
+        again = state.storage.ledger_head().index
+        accept(state, "alice", "clinic", receipt(impostor, "clinic", ALICE_RUNS[:1]))
+    report = audited(state_dir)
+    detail = report.check("ledger records").detail
+    assert report.check("ledger records").status == "fail"
+    assert f"entry {again} enrols alice again (first enrolled at entry 1)" in detail
+    assert first_bad(report) == (again + 1, "forged receipt")
+
+
+def test_a_receipt_must_be_for_the_adapter_and_bundle_its_entry_accepted(fresh):
+    state_dir, alice = fresh
+    with OwnerState(state_dir) as state:
+        replayed = receipt(alice, "clinic", ALICE_RUNS[:1], adapter_sha256="c" * 64, bundle_id="d" * 64)
+        row = accept(state, "alice", "clinic", replayed)  # the entry records adapter aaaa…, bundle bbbb…
+        plug(state, row)
+    detail = audited(state_dir).check("receipts").detail
+    assert "the receipt is for adapter cccccccccccc…, the entry accepted adapter aaaaaaaaaaaa…" in detail
+    assert "the receipt is for bundle dddddddddddd…" in detail
+
+
+def test_a_plug_in_must_name_an_earlier_accepted_submission(fresh):
+    state_dir, alice = fresh
+    with OwnerState(state_dir) as state:
+        plug(state, submission_row("alice"))  # never accepted
+        row = accept(state, "alice", "clinic", receipt(alice, "clinic", ALICE_RUNS[:1]))
+        plug(state, replace(row, adapter_sha256="e" * 64))  # accepted, but another adapter plugged in
+        plug(state, row)  # this one is fine
+    report = audited(state_dir)
+    detail = report.check("ledger records").detail
+    assert "which no earlier entry accepted" in detail and "plugs in adapter eeeeeeeeeeee…" in detail
+    assert detail.count("plugs in") == 2
+
+
+@pytest.mark.parametrize("case", ["after revocation", "never enrolled", "time backwards"])
+def test_records_out_of_order_are_findings(fresh, case):
+    state_dir, alice = fresh
+    with OwnerState(state_dir) as state:
+        if case == "after revocation":
+            revoke(state, alice)
+            accept(state, "alice", None, None)
+            needle = "entry 4: a submission of alice accepted after its revocation (entry 3)"
+        elif case == "never enrolled":
+            grant(state, "mallory", "x", 1.0)
+            needle = "a grant for mallory, never enrolled"
+        else:
+            writer = records.LedgerWriter(
+                state.storage, state.ledger.key, clock=lambda: "2001-01-01T00:00:00Z"
+            )
+            state.storage.append_ledger(writer.maker(records.grant_record("alice", "later", 1.0, DELTA)))
+            needle = "entry 3 is dated 2001-01-01T00:00:00Z, before entry 2: time goes backwards"
+    report = audited(state_dir)
+    assert report.check("ledger records").status == "fail" and needle in report.check("ledger records").detail
+
+
+def test_an_unknown_accountant_is_flagged(fresh):
+    state_dir, alice = fresh
+    with OwnerState(state_dir) as state:
+        union = [make_entry(s, Q, n) | {"run_id": r} for r, s, n in ALICE_RUNS]
+        stated = spent(ledger_budget.spent(union, DELTA), "my-own-accountant")
+        accept(state, "alice", "clinic", receipt(alice, "clinic", ALICE_RUNS), check=False, spent=stated,
+               grant_index=3)  # fmt: skip
+    report = audited(state_dir)
+    assert "'my-own-accountant', not an accountant known to give an upper bound" in (
+        report.check("unsafe settings").detail
+    )
+
+
+def test_pinned_client_keys(ledger, tmp_path, capsys):
+    alice, bob = ledger["alice"].key.public_key(), ledger["bob"].key.public_key()
+    report = audit_ledger(ledger["export"], owner_pubkey=ledger["pub"], client_keys={"alice": alice})
+    keys = report.check("client keys")
+    assert report.ok and keys.status == "unverified"
+    assert (
+        "pinned (--client-key): alice" in keys.detail
+        and "read from the ledger, unverified: bob" in keys.detail
+    )
+    assert report.to_dict()["clients"][0]["receipt_key_pinned"] is True
+    report = audit_ledger(
+        ledger["export"], owner_pubkey=ledger["pub"], client_keys={"alice": alice, "bob": bob}
+    )
+    assert report.ok and report.check("client keys").status == "ok"
+    # the ledger enrolled alice under a key that is not hers: her receipts do not verify against the pin
+    report = audit_ledger(ledger["export"], owner_pubkey=ledger["pub"], client_keys={"alice": bob})
+    assert (
+        report.check("client keys").status == "fail"
+        and "not the pinned" in report.check("client keys").detail
+    )
+    assert report.first_bad.kind == "forged receipt"
+    pem = tmp_path / "bob.pub.pem"
+    pem.write_bytes(crypto.public_key_pem(bob))
+    code, out, _ = run(capsys, "audit", "ledger", ledger["export"], "--client-key", f"alice={pem}", "--json")
+    assert code == 1 and any(
+        c["name"] == "client keys" and c["status"] == "fail" for c in json.loads(out)["checks"]
+    )
+    code, out, _ = run(capsys, "audit", "ledger", ledger["export"], "--client-key", f"bob={pem}", "--json")
+    assert code == 0 and json.loads(out)["clients"][1]["receipt_key_pinned"] is True
+    code, _, err = run(capsys, "audit", "ledger", ledger["export"], "--client-key", f"bob={pem}")
+    assert code == 0 and "not pinned (--client-key): alice" in err
+    code, _, err = run(capsys, "audit", "ledger", ledger["export"], "--client-key", str(pem))
+    assert code == 2 and "CLIENT_ID=PEM" in err
+
+
+def test_an_export_whose_tail_was_cut_without_signing_again_is_named_truncated(ledger, tmp_path):
+    doc = load(ledger["export"].read_bytes())
+    doc["entries"] = doc["entries"][:-2]  # head_index, head and the signature left as they were
+    report = audit_export(tmp_path, doc, ledger)
+    assert first_bad(report) == (ledger["head"] - 1, "truncated")
+    assert "names entry" in report.first_bad.detail and report.check("export signature").status == "fail"
+
+
+def test_a_tiny_sigma_is_a_finding_not_a_traceback(fresh, capsys):
+    """σ = 5e-324 makes Opacus' RDP analysis divide by zero; the audit names the receipt's field instead."""
+    state_dir, alice = fresh
+
+    def tiny(doc):
+        for key in ("run_history", "cumulative_history"):
+            doc[key][0]["noise_multiplier"] = 5e-324
+
+    with OwnerState(state_dir) as state:
+        signed = receipt(alice, "clinic", [("run-t", 1.0, 8)], edit=tiny)
+        accept(state, "alice", "clinic", signed, check=False, spent=spent(1.0), grant_index=2)
+    code, out, _ = run(capsys, "audit", "ledger", state_dir, "--json")
+    receipts = next(c for c in json.loads(out)["checks"] if c["name"] == "receipts")
+    assert code == 1 and receipts["status"] == "fail" and "is below 0.001" in receipts["detail"]

@@ -9,8 +9,6 @@ the whole audit, which also accounts every readable receipt, gets 150 near-valid
 from __future__ import annotations
 
 import json
-import tempfile
-from pathlib import Path
 
 import pytest
 from hostile import documents, near_valid
@@ -29,8 +27,11 @@ FUZZ = settings(max_examples=500, deadline=None, suppress_health_check=list(Heal
 AUDIT_FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 
 
-def _build() -> dict:
-    root = Path(tempfile.mkdtemp(prefix="offsite-ledger-fuzz-"))
+@pytest.fixture(scope="module")
+def valid(tmp_path_factory) -> dict:
+    """A real owner state with one accepted receipt: its export, last entry and a checkpoint, with the
+    hostile inputs derived from each (built when a test here runs, not at import, under pytest's tmp)."""
+    root = tmp_path_factory.mktemp("ledger-fuzz")
     with OwnerState(new_owner(root / "owner")) as state:
         alice = enrol(state, "alice")
         grant(state, "alice", "clinic", 3.5)
@@ -38,10 +39,13 @@ def _build() -> dict:
         export = export_bytes(state)
         checkpoint = state.ledger.checkpoint()
     doc = json.loads(export)
-    return {"export": doc, "entry": doc["entries"][-1]["entry"], "checkpoint": json.loads(checkpoint)}
-
-
-VALID = _build()
+    docs = {"export": doc, "entry": doc["entries"][-1]["entry"], "checkpoint": json.loads(checkpoint)}
+    return {
+        "docs": docs,
+        "hostile": {name: hostile(base) for name, base in docs.items()},
+        "audit": near_valid(doc).map(canonical_json) | documents(doc),
+        "scratch": root,
+    }
 
 
 def hostile(base: dict) -> st.SearchStrategy[bytes]:
@@ -56,38 +60,34 @@ def _accepts_or_refuses(parse, data):
 
 
 @FUZZ
-@given(hostile(VALID["entry"]))
-def test_fuzz_ledger_entry(data):
-    entry = _accepts_or_refuses(fmt.parse_entry, data)
+@given(st.data())
+def test_fuzz_ledger_entry(valid, data):
+    entry = _accepts_or_refuses(fmt.parse_entry, data.draw(valid["hostile"]["entry"]))
     assert entry is None or fmt.parse_entry(canonical_json(entry.model_dump(mode="json"))) == entry
 
 
 @FUZZ
-@given(hostile(VALID["checkpoint"]))
-def test_fuzz_ledger_checkpoint(data):
-    checkpoint = _accepts_or_refuses(fmt.parse_checkpoint, data)
+@given(st.data())
+def test_fuzz_ledger_checkpoint(valid, data):
+    checkpoint = _accepts_or_refuses(fmt.parse_checkpoint, data.draw(valid["hostile"]["checkpoint"]))
     assert checkpoint is None or isinstance(checkpoint, fmt.Checkpoint)
 
 
 @FUZZ
-@given(hostile(VALID["export"]))
-def test_fuzz_ledger_export(data):
-    export = _accepts_or_refuses(fmt.parse_export, data)
+@given(st.data())
+def test_fuzz_ledger_export(valid, data):
+    export = _accepts_or_refuses(fmt.parse_export, data.draw(valid["hostile"]["export"]))
     assert export is None or isinstance(export, fmt.LedgerExport)
 
 
-@pytest.fixture(scope="module")
-def scratch(tmp_path_factory):
-    return tmp_path_factory.mktemp("fuzz")
-
-
 @AUDIT_FUZZ
-@given(near_valid(VALID["export"]).map(canonical_json) | documents(VALID["export"]))
-def test_fuzz_ledger_audit_of_an_export(scratch, data):
-    path = scratch / "export.json"
-    path.write_bytes(data)
+@given(st.data())
+def test_fuzz_ledger_audit_of_an_export(valid, data):
+    blob = data.draw(valid["audit"])
+    path = valid["scratch"] / "export.json"
+    path.write_bytes(blob)
     report = _accepts_or_refuses(audit_ledger, path)
     if report is not None:
         assert isinstance(report, LedgerReport)
-        assert report.ok == (data == canonical_json(VALID["export"]))  # any change is a finding
+        assert report.ok == (blob == canonical_json(valid["docs"]["export"]))  # any change is a finding
         render_html(report)  # and the report renders whatever it found

@@ -20,7 +20,7 @@ from world import copy_state
 from offsite import crypto
 from offsite.client.connection import ServerError
 from offsite.client.transfers import OffsiteClient
-from offsite.fileio import sha256_file
+from offsite.fileio import canonical_json, sha256_file
 from offsite.formats import ledger as fmt
 from offsite.privacy import ledger_budget
 from offsite.privacy.accounting import make_entry
@@ -34,9 +34,10 @@ from offsite.wire.v1 import offsite_pb2 as pb
 Code = grpc.StatusCode
 
 
-def adapter_with(world, dest: Path, dataset: str, runs: list[tuple[str, float, int]]) -> Path:
+def adapter_with(world, dest: Path, dataset: str, runs: list[tuple[str, float, int]], edit=None) -> Path:
     """The world's adapter with a receipt over ``runs`` (run id, σ, steps at q = 16/128; the last is this
-    run's) for ``dataset``, signed by alice's enrolled receipt key."""
+    run's) for ``dataset``, signed by alice's enrolled receipt key. ``edit(doc)`` changes the receipt
+    before it is signed (written as is, without the receipt's own validation)."""
     dest.mkdir(parents=True)
     for name in ("adapter.safetensors", "adapter.json"):
         shutil.copyfile(world.adapter / name, dest / name)
@@ -57,7 +58,13 @@ def adapter_with(world, dest: Path, dataset: str, runs: list[tuple[str, float, i
         signer_public_key=key.public_key(),
         run_id=this,
     )
-    write_receipt(dest, receipt, key)
+    if edit is None:
+        write_receipt(dest, receipt, key)
+        return dest
+    edit(receipt)
+    data = canonical_json(receipt)
+    (dest / "receipt.json").write_bytes(data)
+    (dest / "receipt.sig").write_bytes(crypto.encode_signature(crypto.sign(key, data)))
     return dest
 
 
@@ -144,6 +151,39 @@ def test_grants_hold_across_submissions_and_a_restart(world, tmp_path):
     assert report.ok, report.to_dict()["checks"]
     # three acceptances (the budget answer's checkpoint of the head is the last one's)
     assert report.checkpoints_checked == 3 and report.clients["alice"].datasets["svc"].accepted == 3
+
+
+def test_a_run_that_returns_to_an_earlier_phase_counts_both_phases_and_a_tiny_sigma_is_refused(
+    world, tmp_path
+):
+    """One run at σ 1.0, then 2.0, then 1.0 again: its history has two phases with the same (run id, σ, q),
+    both spent. Their union must count both (ε 3.906), not only the larger (3.318 under a grant of 3.4).
+    A receipt stating σ = 5e-324 (which makes Opacus' analysis divide by zero) is refused with a clear
+    reason, and the server goes on serving."""
+    aba = [("run-r", 1.0, 8), ("run-r", 2.0, 8), ("run-r", 1.0, 16)]
+    assert composed(aba) > 3.4 > composed([("run-r", 1.0, 16), ("run-r", 2.0, 8)])
+    state = copy_state(world, tmp_path / "owner")
+    with OwnerState(state) as s:
+        admin.grant(s, "alice", "aba", epsilon=3.4, delta=DELTA)
+
+    def tiny(doc):
+        for key in ("run_history", "cumulative_history"):
+            doc[key][0]["noise_multiplier"] = 5e-324
+
+    served = Served(state)
+    try:
+        with client(world, tmp_path / "alice", served.port) as c:
+            refused(c, adapter_with(world, tmp_path / "r1", "aba", aba), "exceed the grant", "3.9059")
+            with pytest.raises(ServerError) as info:
+                c.submit("j1", adapter_with(world, tmp_path / "r2", "aba", [("run-t", 1.0, 8)], edit=tiny))
+            assert info.value.code == Code.INVALID_ARGUMENT and "is below 0.001" in info.value.details
+            ok = c.submit("j1", adapter_with(world, tmp_path / "r3", "aba", aba[:2]))
+            assert ok.submission.state == pb.SUBMISSION_STATE_ACCEPTED, ok.submission.reason
+    finally:
+        served.stop()
+    with OwnerState(state) as s:
+        states = [(r.state.value, r.reason) for r in s.storage.list_submissions()]
+    assert sum(1 for st, why in states if st == "rejected" and "below 0.001" in why) == 1, states
 
 
 def test_concurrent_uploads_to_two_servers_never_exceed_the_grant(world, tmp_path):

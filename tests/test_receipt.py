@@ -357,6 +357,19 @@ def test_a_tiny_eps_error_cannot_stall_the_audit(adapter, keys):
     assert check.status == "fail" and "grid points" in check.detail
 
 
+def test_a_tiny_sigma_is_refused_by_name_not_a_traceback(adapter, keys, monkeypatch, capsys):
+    # σ = 5e-324 makes Opacus' RDP analysis divide by zero (and σ = 1e-160 stalls it): refused before.
+    priv, pub, _ = keys
+    doc = _doc(adapter)
+    doc["run_history"][0]["noise_multiplier"] = doc["cumulative_history"][0]["noise_multiplier"] = 5e-324
+    _resign(adapter, doc, priv)
+    _no_accounting(monkeypatch)
+    with pytest.raises(FormatError, match=r"run_history\[0\]\.noise_multiplier.*below 0\.001"):
+        verify_receipt(adapter, pub)
+    assert _audit(adapter / RECEIPT_FILE, "--adapter", adapter, "--json") == 1
+    assert "below 0.001" in json.loads(capsys.readouterr().out)["error"]
+
+
 def test_receipt_must_cover_run_in_cumulative(keys, tmp_path):
     _, pub, paths = keys
     adir = _adapter_dir(tmp_path)

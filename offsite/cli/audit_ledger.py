@@ -1,4 +1,5 @@
-"""`offsite audit ledger STATE_OR_EXPORT [--owner-pubkey KEY] [--checkpoints DIR] [--json] [--html REPORT]`.
+"""`offsite audit ledger STATE_OR_EXPORT [--owner-pubkey KEY] [--client-key CLIENT_ID=PEM ...] [--checkpoints DIR]
+[--json] [--html REPORT]`.
 
 The command around ``offsite.privacy.ledger_audit.audit_ledger`` (what is checked, in which order) and
 ``offsite.privacy.ledger_report.render_html``. ``print_report`` is the terminal view, also for other
@@ -28,7 +29,8 @@ def register(cmds: argparse._SubParsersAction) -> None:
         "signature over the whole file; the hash chain and every entry's signature, naming the first bad "
         "entry and how (edited, deleted, reordered, inserted, forged receipt, replaced export signature); "
         "the data owners' checkpoints (--checkpoints: truncated or forked); the recorded clients against "
-        "their enrolment entries. Then every dataset's ε is recomputed from the receipts' histories with "
+        "their enrolment entries, and each data owner's receipt key against the one pinned with --client-key "
+        "(keys not pinned are read from the ledger and reported as unverified). Then every dataset's ε is recomputed from the receipts' histories with "
         "Opacus' PRV and Google's dp-accounting PLD: no stated ε may be below the tighter one beyond the "
         "stated tolerance, no grant may be exceeded; and unsafe settings are flagged (δ ≥ q, seeded "
         "noise, sampling other than Poisson, an ε from an accountant that can underestimate). Prints a "
@@ -45,6 +47,14 @@ def register(cmds: argparse._SubParsersAction) -> None:
         metavar="KEY",
         help="the owner's public signing key (PEM, e.g. owner_signing_key.pub.pem from an enrolment package); "
         "without it the key recorded in the input is used and the report says it was not pinned",
+    )
+    p.add_argument(
+        "--client-key",
+        action="append",
+        default=[],
+        metavar="CLIENT_ID=PEM",
+        help="pin a data owner's receipt-signing public key (PEM: signing_key.pub.pem of its current key generation, "
+        "as it hands it over); repeatable. A client enrolled with another key fails the audit",
     )
     p.add_argument(
         "--checkpoints",
@@ -105,8 +115,31 @@ def print_report(report) -> None:
         console.print(f"[bold red]first bad entry[/bold red]: {where}: {report.first_bad.kind}")
     if not report.owner_key_pinned:
         warn("the owner key was not pinned (--owner-pubkey): it was read from the ledger's own records")
+    unpinned = [
+        c.client_id for c in report.clients.values() if c.enrolled_at_entry is not None and not c.key_pinned
+    ]
+    if unpinned:
+        warn(f"receipt keys read from the ledger, not pinned (--client-key): {escape(', '.join(unpinned))}")
     style = "green" if report.ok else "bold red"
     console.print(f"[{style}]{escape(report.verdict)}[/{style}]")
+
+
+def _client_keys(specs: list[str]) -> dict:
+    """--client-key CLIENT_ID=PEM values, each a public key read from its file."""
+    from offsite import crypto
+    from offsite.errors import FormatError
+
+    keys = {}
+    for spec in specs:
+        client_id, sep, path = spec.partition("=")
+        if not sep or not client_id or not path:
+            raise FormatError(f"--client-key {spec!r}: expected CLIENT_ID=PEM (a client id and a key file)")
+        if client_id in keys:
+            raise FormatError(f"--client-key: {client_id} is given twice")
+        if not Path(path).is_file():
+            raise FormatError(f"--client-key {client_id}: {path} does not exist or is not a regular file")
+        keys[client_id] = crypto.load_public_key(Path(path))
+    return keys
 
 
 def cmd_audit_ledger(args: argparse.Namespace) -> int:
@@ -125,7 +158,12 @@ def cmd_audit_ledger(args: argparse.Namespace) -> int:
                         f"--owner-pubkey {args.owner_pubkey} does not exist or is not a regular file"
                     )
                 key = crypto.load_public_key(args.owner_pubkey)
-            report = audit_ledger(args.source, owner_pubkey=key, checkpoints=args.checkpoints)
+            report = audit_ledger(
+                args.source,
+                owner_pubkey=key,
+                checkpoints=args.checkpoints,
+                client_keys=_client_keys(args.client_key),
+            )
             html = write_new_file(args.html, render_html(report).encode("utf-8")) if args.html else None
         except OSError as e:
             raise FormatError(f"cannot read {e.filename or 'a file'}: {e.strerror or e}") from e

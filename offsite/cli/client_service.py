@@ -347,7 +347,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         "ledger_checkpoint": str(result.checkpoint) if result.checkpoint else None
     }
     if result.checkpoint_problem:
-        warn(f"the server's ledger checkpoint was NOT kept: {result.checkpoint_problem}")
+        warn(f"the server's ledger checkpoint: {result.checkpoint_problem}")
     if args.json:
         print_json(info | {"resumed": result.resumed})
         return 0 if info["state"] in ("accepted", "plugged") else 3
@@ -506,7 +506,7 @@ def cmd_server_budget(args: argparse.Namespace) -> int:
     if kept:
         console.print(f"ledger checkpoint kept: {kept[-1]}")
     for p in problems:
-        warn(f"the server's checkpoint was NOT kept: {p}")
+        warn(f"the server's ledger checkpoint: {p}")
     return 0 if not problems else 1
 
 
@@ -528,7 +528,7 @@ def server_limits(args: argparse.Namespace) -> dict:
         job = c.job(args.job)
         response, kept, problem = c.budget(dataset_id)
     if problem:
-        raise OffsiteError(f"the server's ledger checkpoint does not verify with the owner's key: {problem}")
+        raise OffsiteError(f"the server's ledger checkpoint: {problem}")
     view = next((v for v in response.datasets if v.dataset_id == dataset_id), None)
     if view is None or not view.granted:
         raise OffsiteError(

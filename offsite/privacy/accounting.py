@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Any
@@ -40,6 +41,13 @@ DEFAULT_EPS_ERROR = 0.01
 #: hundreds, which is no privacy worth certifying; above 100 training no longer learns anything.
 SIGMA_MIN = 0.3
 SIGMA_MAX = 100.0
+
+#: The smallest σ a mechanism entry may state (receipts, histories, ledgers: ``validate_entry``). Below
+#: it no accountant here can produce an ε within its work limits for any q or δ (at σ = 1e-3 the PRV grid
+#: alone would need over 3·10^8 points), so no run of offsite can have stated one; far below it Opacus'
+#: analysis itself breaks (σ = 1e-160 stalls it, σ = 1e-300 divides by zero). A hostile history with such
+#: a σ is refused with a clear message before any accountant sees it.
+SIGMA_FLOOR = 1e-3
 
 #: Relative precision of the σ search. The returned σ always satisfies the target (it is the upper end
 #: of the final bracket), and σ·(1 - SIGMA_RTOL) is known to exceed it.
@@ -111,6 +119,7 @@ def validate_entry(entry: Any, where: str = "entry") -> dict[str, Any]:
     sigma, q, steps = entry["noise_multiplier"], entry["sample_rate"], entry["steps"]
     if not _is_number(sigma) or not math.isfinite(sigma) or sigma <= 0:
         raise FormatError(f"{where}.noise_multiplier: must be a finite number > 0, got {sigma!r}")
+    check_sigma_floor(sigma, f"{where}.noise_multiplier")
     if not _is_number(q) or not math.isfinite(q) or not 0 < q <= 1:
         raise FormatError(f"{where}.sample_rate: must be a number with 0 < q <= 1, got {q!r}")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
@@ -119,6 +128,15 @@ def validate_entry(entry: Any, where: str = "entry") -> dict[str, Any]:
     out["noise_multiplier"] = float(sigma)
     out["sample_rate"] = float(q)
     return out
+
+
+def check_sigma_floor(sigma: float, where: str = "noise_multiplier") -> None:
+    """Refuse a σ below SIGMA_FLOOR, naming why (the receipt schema uses it too)."""
+    if sigma < SIGMA_FLOOR:
+        raise FormatError(
+            f"{where}: σ = {sigma!r} is below {SIGMA_FLOOR:g}, where no accountant can compute ε "
+            "(no run of offsite states such a σ)"
+        )
 
 
 def validate_history(history: Any, where: str = "history") -> list[dict[str, Any]]:
@@ -264,7 +282,7 @@ def _prv_upper_grouped(key: Key, delta: float, eps_error: float) -> float:
         with warnings.catch_warnings(), np.errstate(all="ignore"):
             warnings.simplefilter("ignore")
             eps = float(acc.get_epsilon(delta, eps_error=eps_error))
-    except (RuntimeError, ValueError, OverflowError, FloatingPointError, MemoryError) as e:
+    except (RuntimeError, ValueError, ArithmeticError, MemoryError) as e:
         # Opacus #601/#604: at very large ε the discretised privacy loss runs off its domain.
         raise AccountingError(
             f"the PRV accountant could not compute ε at δ={delta:g} for history {_describe(key)} ({e}); "
@@ -283,7 +301,8 @@ def _rdp_grouped(key: Key, delta: float) -> float:
     if not key:
         return 0.0
     check_size(key)
-    eps = _rdp_epsilon(key, delta)
+    with _arithmetic("RDP", key, delta):
+        eps = _rdp_epsilon(key, delta)
     if not math.isfinite(eps) or eps < 0:
         raise AccountingError(
             f"the RDP accountant returned ε={eps} for history {_describe(key)} at δ={delta:g}"
@@ -304,7 +323,21 @@ def _rdp_integer_orders_grouped(key: Key, delta: float) -> float:
     Opacus' default fractional orders. Only used to bracket the PRV search."""
     if not key:
         return 0.0
-    return _rdp_epsilon(key, delta, _INTEGER_ORDERS)
+    with _arithmetic("RDP", key, delta):
+        return _rdp_epsilon(key, delta, _INTEGER_ORDERS)
+
+
+@contextmanager
+def _arithmetic(accountant: str, key: Key, delta: float) -> Iterator[None]:
+    """Turn an arithmetic failure inside an accountant (Opacus' RDP analysis divides by zero at extreme σ)
+    into an AccountingError that names the history, never a traceback."""
+    try:
+        yield
+    except ArithmeticError as e:
+        raise AccountingError(
+            f"the {accountant} accountant failed on history {_describe(key)} at δ={delta:g} "
+            f"({type(e).__name__}: {e})"
+        ) from e
 
 
 def _describe(key: Sequence[tuple[float, float, int]]) -> str:
@@ -359,7 +392,8 @@ PLD_ACCOUNTANT = "dp_accounting.pld.PLDAccountant: pessimistic estimate, value d
 def _pld_grouped(key: Key, delta: float) -> float:
     if not key:
         return 0.0
-    _check_work(key, delta)
+    with _arithmetic("PLD", key, delta):
+        _check_work(key, delta)
     import dp_accounting as dpa  # imported on use: it takes seconds, and only audits need it
     from dp_accounting import pld
 
@@ -377,7 +411,7 @@ def _pld_grouped(key: Key, delta: float) -> float:
             warnings.simplefilter("ignore")
             accountant.compose(event)
             eps = float(accountant.get_epsilon(delta))
-    except (RuntimeError, ValueError, OverflowError, FloatingPointError, MemoryError) as e:
+    except (RuntimeError, ValueError, ArithmeticError, MemoryError) as e:
         raise AccountingError(
             f"the PLD accountant could not compute ε at δ={delta:g} for history {_describe(key)} ({e})"
         ) from e

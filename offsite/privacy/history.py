@@ -93,7 +93,7 @@ class NewBudgetDespite(Schema):
 class Entry(Schema):
     run_id: Annotated[str, Field(pattern=f"^{_RUN_ID.pattern}$")]
     mechanism: Literal["poisson-subsampled-gaussian"]
-    noise_multiplier: Annotated[float, Field(gt=0)]
+    noise_multiplier: Annotated[float, Field(ge=accounting.SIGMA_FLOOR)]
     sample_rate: Annotated[float, Field(gt=0, le=1)]
     steps: Annotated[int, Field(ge=0)]
     created_at: Time

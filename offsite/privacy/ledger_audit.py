@@ -1,8 +1,9 @@
 """Auditing the owner's privacy ledger without trusting the owner: what `offsite audit ledger` reports.
 
 Input: an owner's state directory (its SQLite ledger, read-only) or an export file
-(``offsite owner export-ledger``); optionally the owner's public key, pinned (``owner_pubkey``), and a
-directory of checkpoints that data owners kept (``checkpoints``). In this order:
+(``offsite owner export-ledger``); optionally the owner's public key, pinned (``owner_pubkey``), data
+owners' receipt keys, pinned (``client_keys``), and a directory of checkpoints that data owners kept
+(``checkpoints``). In this order:
 
 1. **The owner key**: the pinned one, else the one the state or export records (reported as not pinned:
    whoever could rewrite the ledger could then also have replaced the key).
@@ -11,22 +12,28 @@ directory of checkpoints that data owners kept (``checkpoints``). In this order:
    *edited* (its bytes no longer match the owner's signature, or it was changed and re-signed so that
    the next entry no longer chains to it), *deleted* (entries missing before it), *reordered*,
    *inserted* (an entry not signed by the owner, or a signed entry copied in a second time), *forged
-   receipt* (a submission whose receipt is not signed by the key the data owner enrolled, as the ledger
-   recorded it). Nothing after the first bad entry is trusted or accounted.
+   receipt* (a submission whose receipt is not signed by the key the data owner first enrolled, as the
+   ledger recorded it, or by the key the auditor pinned for it). Nothing after the first bad entry is
+   trusted or accounted. An export whose ``head_index`` is past its last entry is *truncated*.
 4. **Checkpoints**: each must be signed by the owner key; a ledger shorter than a checkpoint's index is
    *truncated*, one whose entry at that index has another hash (or another entry 0) is *forked*.
 5. **The recorded clients** (the state's table or the export's list) must match their enrolments in the
-   ledger (receipt keys, certificate pins, revocations).
+   ledger (receipt keys, certificate pins, revocations); **client keys**: an enrolled receipt key that
+   differs from the pinned one fails; the report says which keys were pinned and which only read from
+   the ledger. **Ledger records**: one enrolment per client id (a second is a failure; the first key is
+   kept), no grant for a client never enrolled, no submission after its client's revocation, every
+   plug-in of an earlier accepted submission with its adapter, entry times never going backwards.
 6. **Budgets, recomputed**: the ledger is replayed; for every accepted submission the union of the
    dataset's receipts' cumulative histories (``ledger_budget``, the rule the server enforces) is composed
    at the grant's δ with two independent accountants, Opacus' PRV (upper bound) and Google's
    dp-accounting PLD (pessimistic). No stated ε (the server's, and the receipt's cumulative ε) may be below
    the tighter of the two by more than the stated tolerance; no grant may be exceeded (the tighter
    recomputation above the grant's ε by more than ``GRANT_RTOL``); every submission needs a grant and a
-   receipt that states every run recorded before it.
+   receipt that states every run recorded before it, for the adapter and bundle its entry accepted.
 7. **Unsafe settings** are flagged: δ ≥ q for some phase (δ ≥ 1/N whenever the expected batch holds at
    least one record), seeded noise, sampling other than Poisson, an ε from an accountant that can
-   underestimate (Opacus' GDP, PRV's estimate instead of its upper bound), δ too large for the size bucket.
+   underestimate (Opacus' GDP, PRV's estimate instead of its upper bound; for the server's ε, any accountant
+   not in ``SAFE_ACCOUNTANTS``), δ too large for the size bucket.
 
 Any failed check makes ``report.ok`` false (and the command's exit status 1). A non-private adapter
 accepted under a job that allowed it is shown (no guarantee covers its data), not failed.
@@ -161,6 +168,9 @@ class ClientReport:
     receipt_key_fingerprint: str = ""
     enrolled_at_entry: int | None = None
     revoked_at_entry: int | None = None
+    key_pinned: bool = (
+        False  # its receipt key was pinned by the auditor (--client-key), not read from the ledger
+    )
     non_private: int = 0
     datasets: dict[str, DatasetReport] = field(default_factory=dict)
 
@@ -173,6 +183,7 @@ class ClientReport:
         return {
             "client_id": self.client_id,
             "receipt_key_fingerprint": self.receipt_key_fingerprint,
+            "receipt_key_pinned": self.key_pinned,
             "enrolled_at_entry": self.enrolled_at_entry,
             "revoked_at_entry": self.revoked_at_entry,
             "non_private_adapters": self.non_private,
@@ -388,15 +399,26 @@ def underestimating(name: str, description: str) -> str | None:
 
 
 class _Audit:
-    def __init__(self, report: LedgerReport):
+    def __init__(self, report: LedgerReport, pinned: dict[str, Ed25519PublicKey] | None = None):
         self.report = report
-        self.keys: dict[str, Ed25519PublicKey] = {}  # receipt keys as enrolled in the ledger
-        self.enrolments: dict[str, dict[str, Any]] = {}
+        self.pinned = dict(pinned or {})  # receipt keys the auditor pinned (--client-key)
+        self.keys: dict[str, Ed25519PublicKey] = {}  # receipt keys receipts are checked against
+        self.enrolments: dict[str, dict[str, Any]] = {}  # each client's first enrolment
+        self.enrolled_at: dict[str, int] = {}
         self.revoked: set[str] = set()
         self.grants: dict[tuple[str, str], tuple[int, float, float]] = {}
         self.histories: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        self.accepted: dict[str, tuple[str, str]] = {}  # submission id -> (client id, adapter sha256)
+        self.last_at: tuple[float, int] | None = None
         self.receipts = 0
-        self.failures: dict[str, list[str]] = {"receipts": [], "epsilon": [], "grants": [], "unsafe": []}
+        self.failures: dict[str, list[str]] = {
+            "records": [],
+            "client keys": [],
+            "receipts": [],
+            "epsilon": [],
+            "grants": [],
+            "unsafe": [],
+        }
         self.notes: dict[str, list[str]] = {"accountants": [], "non-private": []}
 
     def client(self, client_id: str) -> ClientReport:
@@ -414,43 +436,117 @@ class _Audit:
     # -- replay -------------------------------------------------------------------------------------
     def replay(self, verified: list[tuple[fmt.LedgerEntry, str]]) -> BadEntry | None:
         for entry, _ in verified:
+            self._clock(entry)
             record = entry.record
             if record.kind == "enrol":
-                try:
-                    self.keys[record.client_id] = crypto.public_key_from_b64(
-                        record.receipt_key, "receipt_key"
-                    )
-                except (FormatError, ValueError):  # its receipts then verify against nothing: forged
-                    self.keys.pop(record.client_id, None)
-                self.enrolments[record.client_id] = record.model_dump()
-                c = self.client(record.client_id)
-                c.receipt_key_fingerprint, c.enrolled_at_entry = record.receipt_key_fingerprint, entry.index
+                self.enrol(entry)
             elif record.kind == "revoke":
                 self.revoked.add(record.client_id)
                 self.client(record.client_id).revoked_at_entry = entry.index
             elif record.kind == "grant":
-                self.grants[(record.client_id, record.dataset_id)] = (
-                    entry.index,
-                    record.epsilon,
-                    record.delta,
-                )
-                d = self.dataset(record.client_id, record.dataset_id)
-                d.grant_epsilon, d.grant_delta = record.epsilon, record.delta
-                d.timeline.append(
-                    Point(entry.at, entry.index, d.spent_prv, d.spent_pld, record.epsilon, "grant")
-                )
+                self.grant(entry)
             elif record.kind == "submission":
                 bad = self.submission(entry)
                 if bad is not None:
                     return bad
+            elif record.kind == "plug":
+                self.plug(entry)
         return None
+
+    def _clock(self, entry: fmt.LedgerEntry) -> None:
+        """Entries are appended in time order: a time stamp before its predecessor's was not written by an
+        honest server's clock (or the entries were rewritten)."""
+        try:
+            at = parse_time(entry.at)
+        except ValueError:
+            self.fail("records", None, f"entry {entry.index} is dated {entry.at}, which is not a date")
+            return
+        if self.last_at is not None and at < self.last_at[0]:
+            self.fail(
+                "records",
+                None,
+                f"entry {entry.index} is dated {entry.at}, before entry {self.last_at[1]}: time goes backwards",
+            )
+        self.last_at = (at, entry.index)
+
+    def enrol(self, entry: fmt.LedgerEntry) -> None:
+        """The first enrolment of a client id fixes its receipt key; a second one is a finding, and
+        receipts signed by its key do not verify (forged receipts)."""
+        record, client_id = entry.record, entry.record.client_id
+        if client_id in self.enrolments:
+            self.fail(
+                "records",
+                None,
+                f"entry {entry.index} enrols {client_id} again (first enrolled at entry "
+                f"{self.enrolled_at[client_id]}): a client's receipt key cannot be replaced; the first is kept",
+            )
+            return
+        self.enrolments[client_id] = record.model_dump()
+        self.enrolled_at[client_id] = entry.index
+        c = self.client(client_id)
+        c.receipt_key_fingerprint, c.enrolled_at_entry = record.receipt_key_fingerprint, entry.index
+        try:
+            enrolled = crypto.public_key_from_b64(record.receipt_key, "receipt_key")
+        except (FormatError, ValueError):  # its receipts then verify against nothing: forged
+            enrolled = None
+        pinned = self.pinned.get(client_id)
+        if pinned is None:
+            if enrolled is not None:
+                self.keys[client_id] = enrolled
+            return
+        c.key_pinned = True
+        self.keys[client_id] = pinned
+        if enrolled is None or crypto.public_key_raw(enrolled) != crypto.public_key_raw(pinned):
+            self.fail(
+                "client keys",
+                None,
+                f"entry {entry.index} enrols {client_id} with receipt key {record.receipt_key_fingerprint[:16]}…, "
+                f"not the pinned {crypto.public_key_fingerprint(pinned)[:16]}…",
+            )
+
+    def grant(self, entry: fmt.LedgerEntry) -> None:
+        record = entry.record
+        d = self.dataset(record.client_id, record.dataset_id)
+        if record.client_id not in self.enrolments:
+            self.fail("records", d, f"entry {entry.index}: a grant for {record.client_id}, never enrolled")
+        self.grants[(record.client_id, record.dataset_id)] = (entry.index, record.epsilon, record.delta)
+        d.grant_epsilon, d.grant_delta = record.epsilon, record.delta
+        d.timeline.append(Point(entry.at, entry.index, d.spent_prv, d.spent_pld, record.epsilon, "grant"))
+
+    def plug(self, entry: fmt.LedgerEntry) -> None:
+        """A plug-in must name an earlier accepted submission of this ledger, with its adapter."""
+        record = entry.record
+        accepted = self.accepted.get(record.submission_id)
+        if accepted is None:
+            self.fail(
+                "records",
+                None,
+                f"entry {entry.index} plugs in submission {record.submission_id}, which no earlier entry accepted",
+            )
+        elif accepted != (record.client_id, record.adapter_sha256):
+            self.fail(
+                "records",
+                None,
+                f"entry {entry.index} plugs in adapter {record.adapter_sha256[:12]}… of {record.client_id} as "
+                f"submission {record.submission_id}, which accepted adapter {accepted[1][:12]}… of {accepted[0]}",
+            )
 
     def submission(self, entry: fmt.LedgerEntry) -> BadEntry | None:
         """Replay one accepted submission: its receipt's signature (a forgery stops the replay), then
         what the dataset has spent against what was stated and granted."""
         record = entry.record
         where = f"entry {entry.index}"
+        self.accepted[record.submission_id] = (record.client_id, record.adapter_sha256)
+        if record.client_id in self.revoked:
+            self.fail(
+                "records",
+                None,
+                f"{where}: a submission of {record.client_id} accepted after its revocation "
+                f"(entry {self.client(record.client_id).revoked_at_entry})",
+            )
         if record.receipt is None:
+            if record.client_id not in self.enrolments:
+                self.fail("records", None, f"{where}: a submission of {record.client_id}, never enrolled")
             self.client(record.client_id).non_private += 1
             self.notes["non-private"].append(
                 f"{where}: {record.client_id}'s non-private adapter accepted for job {record.job_id}"
@@ -474,6 +570,21 @@ class _Audit:
             return None
         if receipt["dataset_id"] != record.dataset_id:
             self.fail("receipts", dataset, f"{where}: the receipt is for dataset {receipt['dataset_id']}")
+        # The receipt covers one adapter of one bundle: replayed for another, it proves nothing about it.
+        if receipt["adapter_sha256"] != record.adapter_sha256:
+            self.fail(
+                "receipts",
+                dataset,
+                f"{where}: the receipt is for adapter {receipt['adapter_sha256'][:12]}…, the entry accepted "
+                f"adapter {record.adapter_sha256[:12]}…",
+            )
+        if receipt["bundle_id"] != record.bundle_id:
+            self.fail(
+                "receipts",
+                dataset,
+                f"{where}: the receipt is for bundle {receipt['bundle_id'][:12]}…, the entry's job has bundle "
+                f"{record.bundle_id[:12]}…",
+            )
         self.flags(where, dataset, receipt)
         union = self._compose(where, dataset, (record.client_id, record.dataset_id or ""), receipt)
         if union is None:
@@ -580,6 +691,13 @@ class _Audit:
         why = underestimating(spent.accountant, "")
         if why:
             self.fail("unsafe", dataset, f"{where}: the server's ε comes from {spent.accountant}: {why}")
+        elif spent.accountant not in SAFE_ACCOUNTANTS:
+            self.fail(
+                "unsafe",
+                dataset,
+                f"{where}: the server's ε comes from {spent.accountant!r}, not an accountant known to give an "
+                f"upper bound ({', '.join(SAFE_ACCOUNTANTS)})",
+            )
         if spent.delta != grant_delta:
             self.fail(
                 "epsilon",
@@ -738,6 +856,24 @@ def _clients_check(audit: _Audit, source: Source) -> Check:
     )
 
 
+def _client_keys_check(audit: _Audit) -> Check:
+    """Which data owners' receipt keys the auditor pinned, and which were only read from the ledger."""
+    enrolled = list(audit.enrolments)
+    pinned = [c for c in enrolled if c in audit.pinned]
+    unpinned = [c for c in enrolled if c not in audit.pinned]
+    never = sorted(c for c in audit.pinned if c not in audit.enrolments)
+    parts = [f"pinned (--client-key): {', '.join(pinned) or 'none'}"]
+    parts.append(f"read from the ledger, unverified: {', '.join(unpinned) or 'none'}")
+    if never:
+        parts.append(f"pinned but never enrolled in this ledger: {', '.join(never)}")
+    if audit.failures["client keys"]:
+        return Check(
+            "client keys", FAIL, str(len(pinned)), "", "; ".join(audit.failures["client keys"][:3] + parts)
+        )
+    status = OK if not unpinned else UNVERIFIED
+    return Check("client keys", status, str(len(pinned)), "", "; ".join(parts))
+
+
 def _group_check(name: str, failures: list[str], ok_detail: str) -> Check:
     if failures:
         more = f" (and {len(failures) - 3} more)" if len(failures) > 3 else ""
@@ -749,8 +885,10 @@ def audit_ledger(
     state_or_export: str | os.PathLike,
     owner_pubkey: Ed25519PublicKey | None = None,
     checkpoints: str | os.PathLike | None = None,
+    client_keys: dict[str, Ed25519PublicKey] | None = None,
 ) -> LedgerReport:
-    """Audit an owner's state directory or ledger export; see the module docstring.
+    """Audit an owner's state directory or ledger export; see the module docstring. ``client_keys``: data
+    owners' receipt keys pinned by the auditor (client id -> key).
 
     Raises FormatError when the input cannot be read at all (not a state, not an export, malformed
     export); every other finding is a check of the report.
@@ -758,7 +896,7 @@ def audit_ledger(
     source = read_source(state_or_export)
     report = LedgerReport(str(state_or_export), source.kind, entries=len(source.items))
     key = _owner_key(report, source, owner_pubkey)
-    audit, bad = _chain(report, source, key)
+    audit, bad = _chain(report, source, key, client_keys or {})
     _checkpoint_check(report, source, key, checkpoints, bad)
     if source.export is not None:
         _export_signature(report, source, key)
@@ -803,10 +941,12 @@ def _owner_key(report: LedgerReport, source: Source, pinned: Ed25519PublicKey | 
     return key
 
 
-def _chain(report: LedgerReport, source: Source, key: Ed25519PublicKey) -> tuple[_Audit, BadEntry | None]:
+def _chain(
+    report: LedgerReport, source: Source, key: Ed25519PublicKey, client_keys: dict[str, Ed25519PublicKey]
+) -> tuple[_Audit, BadEntry | None]:
     """3. The hash chain and signatures, then the replay (which finds forged receipts)."""
     verified, bad = _walk(source.items, key)
-    audit = _Audit(report)
+    audit = _Audit(report, client_keys)
     if bad is None:
         bad = audit.replay(verified)
         if bad is not None:
@@ -833,6 +973,22 @@ def _chain(report: LedgerReport, source: Source, key: Ed25519PublicKey) -> tuple
     if export is not None and export.ledger_id not in (None, report.ledger_id):
         report.checks.append(
             Check("export head", FAIL, detail="the export's ledger_id is not its entry 0's hash")
+        )
+    if export is not None and export.head_index is not None and export.head_index >= len(source.items):
+        ends = f"ends at entry {len(source.items) - 1}" if source.items else "holds no entry"
+        report._bad(
+            BadEntry(
+                len(source.items),
+                TRUNCATED,
+                f"the export names entry {export.head_index} as its last; it {ends}: its tail was cut off",
+            )
+        )
+        report.checks.append(
+            Check(
+                "export head",
+                FAIL,
+                detail=f"head_index {export.head_index} is past the last entry: truncated",
+            )
         )
     if export is not None and source.items:
         last = source.items[-1].data
@@ -890,7 +1046,14 @@ def _export_signature(report: LedgerReport, source: Source, key: Ed25519PublicKe
 def _budget_checks(report: LedgerReport, audit: _Audit, source: Source) -> None:
     """6-8. Recorded clients, receipts, ε, grants, unsafe settings, non-private adapters."""
     report.checks.append(_clients_check(audit, source))
+    report.checks.append(_client_keys_check(audit))
     groups = (
+        (
+            "ledger records",
+            "records",
+            "one enrolment per client, grants and submissions only for enrolled, unrevoked clients, every "
+            "plug-in of an accepted submission, time never going backwards",
+        ),
         (
             "receipts",
             "receipts",

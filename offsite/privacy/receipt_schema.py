@@ -81,6 +81,8 @@ DatasetId = Annotated[str, _checked(validate_dataset_id)]
 RunId = Annotated[str, _checked(validate_run_id)]
 Timestamp = Annotated[str, StringConstraints(pattern=r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")]
 PositiveFinite = Annotated[float, Field(gt=0)]
+#: σ of a phase: at least accounting.SIGMA_FLOOR, below which no ε can be computed.
+NoiseMultiplier = Annotated[float, Field(gt=0), _checked(accounting.check_sigma_floor)]
 Probability = Annotated[float, Field(gt=0, lt=1)]
 Strings = Annotated[dict[Annotated[str, StringConstraints(max_length=64)], str], Field(max_length=64)]
 
@@ -89,7 +91,7 @@ class Phase(Schema):
     """One phase of Poisson-subsampled Gaussian DP-SGD: σ, q and how many steps ran."""
 
     mechanism: Literal[accounting.MECHANISM]  # type: ignore[valid-type]
-    noise_multiplier: PositiveFinite
+    noise_multiplier: NoiseMultiplier
     sample_rate: Annotated[float, Field(gt=0, le=1)]
     steps: Annotated[int, Field(ge=0, le=MAX_STEPS)]
     run_id: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None
