@@ -7,6 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from offsite.cli import client_service
+from offsite.cli.placement import add_placement_arguments, placement_from
 from offsite.cli.ui import console, err_console, print_json, table, warn
 
 
@@ -54,6 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--json", action="store_true", help="print the result (plan, ε, paths) as JSON")
     add_dp_arguments(p)
+    add_placement_arguments(p, frozen="the emulator's middle blocks, embeddings and head", checkpointing=True)
     p.set_defaults(func=cmd_train)
     from offsite.cli.keys import register_keys
 
@@ -224,7 +226,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     def on_eval(epoch: int, loss: float) -> None:
         err_console.print(f"epoch {epoch}: eval loss {loss:.4f}")
 
-    with step_bar("training adapter" + ("" if opts.dp else " (NO DP)")) as bar:
+    with placement_from(args), step_bar("training adapter" + ("" if opts.dp else " (NO DP)")) as bar:
         result = tune(
             args.bundle,
             args.data,

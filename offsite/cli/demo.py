@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from offsite.cli.placement import add_placement_arguments, placement_from
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -22,6 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="keep the bundle, adapters and merged models in this directory",
     )
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    add_placement_arguments(p)
     p.set_defaults(func=cmd_demo)
 
 
@@ -32,6 +35,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from offsite.formats.signing import UnverifiedBundleWarning
 
     # The demo's bundle is made in this very process and handed over on disk, unsigned: no warning for that.
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), placement_from(args):  # every model of the demo runs on --device
         warnings.simplefilter("ignore", UnverifiedBundleWarning)
         return run_demo(quick=args.quick, seed=args.seed, as_json=args.json, keep=args.keep)

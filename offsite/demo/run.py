@@ -13,8 +13,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import torch
-
 from offsite.cli.progress import step_bar
 from offsite.cli.ui import console, err_console, print_json, table
 
@@ -68,7 +66,7 @@ def run_demo(quick: bool = False, seed: int = 0, as_json: bool = False, keep: Pa
     from offsite.demo.model import PretrainRecipe, build_demo_owner, cached_demo
     from offsite.evaluation.settings import EvalInputs, evaluate_settings, score
     from offsite.full_finetune import finetune_full
-    from offsite.models.loading import load_model, load_tokenizer
+    from offsite.models.loading import load_placed, load_tokenizer
     from offsite.plug import manifest_from_bundle_dir, plug
     from offsite.prepare import PrepareOptions, prepare
     from offsite.training.distill import DistillConfig
@@ -176,7 +174,7 @@ def run_demo(quick: bool = False, seed: int = 0, as_json: bool = False, keep: Pa
             from offsite.data import MC, read_records
 
             nodp = score(
-                load_model(work / "merged-nodp", dtype=torch.float32),
+                load_placed(work / "merged-nodp"),
                 load_tokenizer(model_dir),
                 read_records(eval_file, MC),
                 MC,
