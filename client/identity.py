@@ -8,6 +8,7 @@
       ca.pem                      the owner's CA (the server's certificate must chain to it)
       owner_signing_key.pub.pem   the owner's key that signs bundle manifests
       enrolment.json              client id, server address and name, fingerprints
+    checkpoints/                the owner's signed ledger checkpoints (``offsite.client.checkpoints``)
 """
 
 from __future__ import annotations

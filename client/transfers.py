@@ -9,7 +9,11 @@ a rerun; each whole file must match the signed manifest. Only a bundle that pass
 **Submit** signs an envelope over the adapter's files (``offsite.formats.submission``), opens an
 upload session, and streams the files from the committed offset the server reports, resuming after
 a break; ``KEYS/submissions/`` remembers the open session, so a rerun of the same command continues
-it. The server's decision (accepted, or rejected with the reason) ends it.
+it. The server's decision (accepted, or rejected with the reason) ends it; an acceptance carries the
+owner's signed checkpoint of the ledger entry that records it, kept in ``KEYS/checkpoints/``.
+
+**Budget** asks what the owner's ledger holds for this data owner's datasets (grants, recorded runs,
+ε spent); its answer carries a checkpoint of the ledger's head, kept too.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from pathlib import Path
 import grpc
 
 from offsite import pki
+from offsite.client import checkpoints
 from offsite.client.connection import Backoff, ServerError, open_channel, retryable, server_error, stub, unary
 from offsite.client.identity import Credentials
 from offsite.errors import FormatError, IntegrityError, OffsiteError
@@ -103,6 +108,8 @@ class Watchdog:
 class SubmitResult:
     submission: pb.Submission
     resumed: bool
+    checkpoint: Path | None = None  # where the ledger checkpoint of an acceptance was kept
+    checkpoint_problem: str = ""  # why a checkpoint the server sent was not kept (not the owner's)
 
 
 class OffsiteClient:
@@ -277,7 +284,9 @@ class OffsiteClient:
                     backoff,
                 )
                 if status.complete:
-                    return SubmitResult(self._finish_pending(pending, submission_id), resumed)
+                    return self._with_checkpoint(
+                        SubmitResult(self._finish_pending(pending, submission_id), resumed)
+                    )
             except ServerError as e:
                 if e.code != grpc.StatusCode.NOT_FOUND:
                     raise
@@ -309,7 +318,21 @@ class OffsiteClient:
             raise
         self._remember(submission_id, job_id, adapter_dir, record)
         pending.unlink(missing_ok=True)
-        return SubmitResult(record, resumed)
+        return self._with_checkpoint(SubmitResult(record, resumed))
+
+    def keep_checkpoint(self, data: bytes) -> tuple[Path | None, str]:
+        if not data:
+            return None, ""
+        try:
+            return checkpoints.store(self.keys_dir, data, self.credentials.owner_key), ""
+        except OffsiteError as e:
+            return None, str(e)
+
+    def _with_checkpoint(self, result: SubmitResult) -> SubmitResult:
+        result.checkpoint, result.checkpoint_problem = self.keep_checkpoint(
+            result.submission.ledger_checkpoint
+        )
+        return result
 
     def _begin(self, job_id: str, files: list[dict], backoff: Backoff) -> pb.BeginSubmissionResponse:
         """Open an upload session. Each attempt signs a fresh envelope: if an earlier attempt reached the
@@ -413,6 +436,13 @@ class OffsiteClient:
         return unary(
             self.stub.GetSubmission, pb.GetSubmissionRequest(submission_id=submission_id), self._backoff()
         )
+
+    def budget(self, dataset_id: str = "") -> tuple[pb.GetBudgetResponse, Path | None, str]:
+        """What the owner's ledger holds for this data owner's datasets (or one), and the checkpoint of
+        its head (kept, or why not)."""
+        response = unary(self.stub.GetBudget, pb.GetBudgetRequest(dataset_id=dataset_id), self._backoff())
+        kept, problem = self.keep_checkpoint(response.ledger_checkpoint)
+        return response, kept, problem
 
     def receipts(self, dataset_id: str = "") -> list[pb.Receipt]:
         return list(

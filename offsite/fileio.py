@@ -185,6 +185,41 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes, mode: int | None = 
         raise
 
 
+def write_new_file(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> Path:
+    """Create the file ``path`` with ``data``, complete or not at all; never replace anything there.
+
+    The bytes go to a fsynced temporary file first, which is then hard-linked to ``path`` (an atomic
+    create that fails if the name exists, even when two writers race) and removed.
+    """
+    from offsite.errors import OffsiteError
+
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        raise OffsiteError(f"{path} exists already: choose another name (nothing was overwritten)")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as e:
+        raise OffsiteError(f"cannot write {path}: {e.strerror or e}") from None
+    try:
+        os.fchmod(fd, mode & ~_umask())
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise OffsiteError(
+                f"{path} exists already: choose another name (nothing was overwritten)"
+            ) from None
+        fsync_directory(path.parent)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    return path
+
+
 # -- locks that die with their process ---------------------------------------------------------------
 def _try_lock(path: Path, create: bool) -> int | None:
     """An exclusive ``flock`` on ``path`` (a file, created if ``create``), or None if another process holds it.

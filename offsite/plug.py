@@ -26,6 +26,8 @@ from offsite.models.plugin import write_merged, write_peft
 from offsite.models.registry import Task
 from offsite.models.streaming import add_legacy_names, skeleton
 
+PLUG_FILE = "offsite_plug.json"  # beside the merged model: which adapter went in, and its settings
+
 
 @dataclass
 class PlugResult:
@@ -98,12 +100,15 @@ def plug(
         write_merged(model, source, spec, adapter.tensors, claim.stage, max_shard_bytes)
         load_tokenizer(model_dir).save_pretrained(claim.stage)
         write_bytes_atomic(
-            claim.stage / "offsite_plug.json",
+            claim.stage / PLUG_FILE,
             canonical_json(
                 {
                     "bundle_id": claimed,
                     "source_fingerprint": fingerprint,
                     "adapter_sha256": adapter.meta["sha256"],
+                    # What the adapter was trained with, so `offsite eval` can say which settings the
+                    # plug-in row used (the adapter's own metadata, already validated above).
+                    "adapter_hyperparameters": adapter.meta.get("hyperparameters"),
                     "kind": spec.kind,
                     "layers": list(spec.layers),
                 }

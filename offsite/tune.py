@@ -15,7 +15,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,8 @@ from offsite.privacy import accounting, history, reservation
 from offsite.privacy.fingerprint import dataset_fingerprint
 from offsite.privacy.receipt import RECEIPT_FILE, build_receipt, write_receipt
 from offsite.training import checkpoint
-from offsite.training.dp import DPPlan, DPTrainState, make_plan, train_dp
+from offsite.training.dp import DPPlan, DPTrainState, default_delta, make_plan, size_bucket, train_dp
+from offsite.training.dp_defaults import DPDefaults, dp_defaults
 from offsite.training.finetune import TrainConfig, mean_loss, train
 
 #: AdamW moves every weight by about lr per step: above this, training can only diverge (and above
@@ -69,6 +70,9 @@ class TuneOptions:
     keys_dir: Path | None = None  # signing key and salt: required under DP
     budget_dir: Path | None = None  # budget histories: required under DP
     bundle_owner_key: Ed25519PublicKey | None = None  # checks the bundle's manifest.sig (formats.signing)
+    # Under DP, these of ("batch_size", "epochs", "lr") come from offsite.training.dp_defaults (from
+    # the size bucket and the budget) instead of the fields above: the ones the user did not give.
+    dp_defaults_for: tuple[str, ...] = ()
 
     def validate(self) -> None:
         """Refuse every option out of range, before anything is loaded, reserved or written."""
@@ -257,6 +261,7 @@ def tune(
     on_plan: Callable[[DPPlan], None] | None = None,
     on_total: Callable[[int], None] | None = None,
     on_warning: Callable[[str], None] | None = None,
+    on_defaults: Callable[[DPDefaults], None] | None = None,
 ) -> TuneResult:
     """Fine-tune the adapter of ``bundle_dir`` on ``data``; write ``out`` (adapter, and under DP the receipt).
 
@@ -272,7 +277,9 @@ def tune(
         _clear_finished_state(out)
     # ``out`` is claimed before any work, so a second run on the same ``out`` fails at once.
     with claim_output(out) as claim:
-        return _tune(claim, bundle_dir, data, opts, on_step, on_eval, on_plan, on_total, on_warning)
+        return _tune(
+            claim, bundle_dir, data, opts, on_step, on_eval, on_plan, on_total, on_warning, on_defaults
+        )
 
 
 def _tune(
@@ -285,10 +292,13 @@ def _tune(
     on_plan: Callable[[DPPlan], None] | None,
     on_total: Callable[[int], None] | None,
     on_warning: Callable[[str], None] | None,
+    on_defaults: Callable[[DPDefaults], None] | None,
 ) -> TuneResult:
     out = claim.path
     keys = DataOwnerKeys.load(opts.keys_dir) if opts.dp else None
     inputs = load_for_tuning(bundle_dir, data, opts)
+    if opts.dp and opts.dp_defaults_for:
+        opts = _with_dp_defaults(opts, len(inputs.train), inputs.bundle.spec.kind, on_defaults)
     torch.manual_seed(opts.seed)
     shift = inputs.bundle.task is Task.CAUSAL_LM
     pad = inputs.tokenizer.pad_token_id
@@ -403,6 +413,24 @@ def _write_adapter(stage: Path, inputs: TuneInputs, tensors: dict[str, torch.Ten
 
 
 # -- DP ---------------------------------------------------------------------------------
+def _with_dp_defaults(
+    opts: TuneOptions, n_train: int, adapter_kind: str, on_defaults: Callable[[DPDefaults], None] | None
+) -> TuneOptions:
+    """``opts`` with the DP defaults filled in where asked; the rule sees the size bucket, never N.
+
+    The budget the rule plans for is the run's target: ``--epsilon``/``--delta`` if given, else the
+    dataset's recorded budget, else (a first run with only ``--noise-multiplier``) the default δ.
+    """
+    bucket = size_bucket(n_train)
+    recorded = history.read(opts.dataset_id, opts.budget_dir).budget
+    epsilon = opts.epsilon if opts.epsilon is not None else (recorded.epsilon if recorded else None)
+    delta = opts.delta if opts.delta is not None else (recorded.delta if recorded else default_delta(bucket))
+    chosen = dp_defaults(bucket, epsilon, delta, adapter_kind)
+    if on_defaults:
+        on_defaults(chosen)
+    return replace(opts, **{name: getattr(chosen, name) for name in opts.dp_defaults_for})
+
+
 @dataclass
 class DataOwnerKeys:
     private_key: Ed25519PrivateKey

@@ -1,9 +1,10 @@
 """The owner's own operations on its state, run from the command line with or without a server running.
 
-Enrol and revoke data owners, record issued bundles, publish a bundle to a job, list submissions, and
-hand an accepted submission to the plug-in. Each works on the state directory directly (the server,
-if it runs, sees the change through the same database: a revocation ends the client's open streams
-within a second).
+Enrol and revoke data owners, grant budgets, record issued bundles, publish a bundle to a job, list
+submissions, hand an accepted submission to the plug-in (and record it), export the ledger. Each works
+on the state directory directly (the server, if it runs, sees the change through the same database: a
+revocation ends the client's open streams within a second). Enrolments, revocations, grants and
+plug-ins are entries of the ledger, appended in the transaction of the change itself.
 """
 
 from __future__ import annotations
@@ -18,11 +19,19 @@ from pathlib import Path
 
 from offsite import crypto, pki
 from offsite.errors import FormatError, OffsiteError
-from offsite.fileio import check_new_output, sha256_bytes, staged_directory, write_bytes_atomic
+from offsite.fileio import (
+    check_new_output,
+    sha256_bytes,
+    staged_directory,
+    write_bytes_atomic,
+    write_new_file,
+)
 from offsite.formats import enrolment, signing
 from offsite.formats.bundle import MANIFEST, Bundle
-from offsite.privacy import accounting
-from offsite.server.errors import NotFoundError
+from offsite.privacy import accounting, history
+from offsite.server import budgets
+from offsite.server import ledger as ledger_records
+from offsite.server.errors import NotFoundError, PermissionDeniedError
 from offsite.server.owner_state import OwnerState, read_server_config
 from offsite.server.storage.base import ClientRecord, JobRecord, SubmissionRecord, SubmissionState, utc_now
 
@@ -75,12 +84,40 @@ def enrol(
             receipt_key_fingerprint=record.receipt_key_fingerprint,
         )
         write_bytes_atomic(stage / enrolment.INFO, info)
-        state.storage.add_client(record)
+        state.storage.add_client(record, ledger=state.ledger.maker(ledger_records.enrol_record(record)))
     return record
 
 
 def revoke(state: OwnerState, client_id: str, reason: str = "revoked by the owner") -> ClientRecord:
-    return state.storage.revoke_client(client_id, reason)
+    client = state.storage.get_client(client_id)
+    entry = ledger_records.revoke_record(client, reason)
+    return state.storage.revoke_client(client_id, reason, ledger=state.ledger.maker(entry))
+
+
+# ------------------------------------------------------------------------------------------ the ledger
+
+
+def grant(
+    state: OwnerState, client_id: str, dataset_id: str, epsilon: float, delta: float
+) -> budgets.DatasetLedger:
+    """Grant (or change) the budget of ``client_id``'s dataset: a ledger entry; the latest grant is in
+    force. Returns what the ledger holds for the pair afterwards."""
+    pki.validate_client_id(client_id)
+    history.validate_dataset_id(dataset_id)
+    history.check_epsilon(epsilon, "--epsilon")
+    accounting.validate_delta(delta, "--delta")
+    client = state.storage.get_client(client_id)
+    if client.revoked_at is not None:
+        raise PermissionDeniedError(f"client {client_id} is revoked ({client.revoked_reason}): no grant")
+    record = ledger_records.grant_record(client_id, dataset_id, epsilon, delta)
+    state.storage.append_ledger(state.ledger.maker(record))
+    return budgets.read(state.storage, client_id, dataset_id)
+
+
+def export_ledger(state: OwnerState, out: str | os.PathLike) -> Path:
+    """Write the signed, self-contained export of the ledger to ``out`` (a new file)."""
+    state.ledger.open()
+    return write_new_file(out, state.ledger.export())
 
 
 # ------------------------------------------------------------------------------------------ bundles and jobs
@@ -201,3 +238,11 @@ def accepted_adapter(state: OwnerState, submission_id: str, scratch: Path) -> It
     for f in record.files:
         shutil.copyfile(state.blobs.path(f.sha256), directory / f.name)
     yield directory
+
+
+def mark_plugged(state: OwnerState, submission_id: str, into: str) -> SubmissionRecord:
+    """Record that an accepted submission was plugged in (and its ledger entry, in one transaction)."""
+    record = state.storage.get_submission(submission_id)
+    return state.storage.mark_plugged(
+        submission_id, into, ledger=state.ledger.maker(ledger_records.plug_record(record))
+    )

@@ -41,7 +41,8 @@ class ReceiptFacts:
     epsilon: float  # cumulative ε on the dataset, PRV upper bound
     delta: float
     receipt: bytes
-    signature: bytes
+    signature: bytes  # the exact bytes of receipt.sig
+    cumulative_history: list  # the receipt's, validated: what the ledger composes
 
 
 @contextlib.contextmanager
@@ -122,6 +123,17 @@ def check_receipt(
     for name, data in kept.items():
         if sha256_bytes(data) != declared.get(name):
             raise ChunkIntegrityError(f"{name} changed after it was received")
+    # What the ledger composes comes from the very bytes it keeps (the ones whose hash was just checked).
+    from offsite.privacy.receipt_schema import parse_receipt
+
+    _, kept_receipt = parse_receipt(kept[RECEIPT_FILES[0]], RECEIPT_FILES[0])
+    if kept_receipt != receipt:
+        raise ChunkIntegrityError(f"{RECEIPT_FILES[0]} changed while it was being checked")
     return ReceiptFacts(
-        str(receipt["dataset_id"]), epsilon, delta, kept[RECEIPT_FILES[0]], kept[RECEIPT_FILES[1]]
+        str(receipt["dataset_id"]),
+        epsilon,
+        delta,
+        kept[RECEIPT_FILES[0]],
+        kept[RECEIPT_FILES[1]],
+        list(kept_receipt["cumulative_history"]),
     )

@@ -73,6 +73,23 @@ class BusyError(OffsiteError):
     """Another stream is writing this submission; retry shortly."""
 
 
+class LedgerConflictError(BusyError):
+    """A budget entry of the same (client, dataset) was appended while a decision was being made: the
+    decision is made again on the new state (the service retries; a caller that sees it retries too)."""
+
+
+class NoGrantError(PolicyError):
+    """No budget grant for the submitting client's dataset: the ledger refuses to count it."""
+
+
+class GrantExceededError(PolicyError):
+    """Accepting the submission would take the dataset's composed ε past its grant."""
+
+
+class HistoryOmissionError(PolicyError):
+    """The receipt's cumulative history leaves out a run the ledger already holds for its dataset."""
+
+
 class StalledError(OffsiteError):
     """A stream made no progress for too long."""
 

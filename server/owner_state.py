@@ -6,12 +6,14 @@
       tls/server.pem, .key      the server's certificate (SAN = --server-name) and key (0600)
       signing/                  the owner's Ed25519 key (0600) that signs bundle manifests, and its public key
       server.json               server name and port (the address written into enrolment packages)
-      offsite.db                SQLite: clients, issued bundles, jobs, nonces, submissions (storage.sqlite)
+      offsite.db                SQLite: clients, issued bundles, jobs, nonces, submissions and the privacy
+                                ledger (storage.sqlite; the ledger's format: offsite.formats.ledger)
       blobs/sha256/ab/…         content-addressed files: published bundle files, accepted adapters
       uploads/<submission>/     partial uploads (never served, never plugged)
 
-``offsite owner init`` makes the keys and certificates; the database and file stores are made on
-first use, so ``offsite owner prepare`` can record issued bundles before (or without) ``owner init``.
+``offsite owner init`` makes the keys and certificates and opens the ledger; the database and file stores
+are made on first use, so ``offsite owner prepare`` can record issued bundles before (or without)
+``owner init``. Everything the ledger records needs the signing key, so it needs an initialised state.
 """
 
 from __future__ import annotations
@@ -21,16 +23,18 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from offsite import pki
+from offsite import crypto, pki
 from offsite.errors import FormatError, OffsiteError
 from offsite.fileio import canonical_json, write_bytes_atomic
 from offsite.formats import signing
+from offsite.formats.ledger import STATE_DB_FILE
+from offsite.server.ledger import LedgerWriter
 from offsite.server.storage.base import Storage
 from offsite.server.storage.blobs import BlobStore, UploadArea
 from offsite.server.storage.sqlite import SQLiteStorage
 
 DEFAULT_PORT = 50051
-DB_FILE = "offsite.db"
+DB_FILE = STATE_DB_FILE
 
 
 @dataclass(frozen=True)
@@ -118,7 +122,8 @@ def init_owner(root: str | os.PathLike, server_name: str, port: int = DEFAULT_PO
     )
     signing.init_owner_signing_key(paths.signing_dir)
     write_bytes_atomic(paths.server_config, canonical_json({"server_name": server_name, "port": port}))
-    open_storage(paths).close()
+    with OwnerState(paths.root) as state:
+        state.ledger.open()
     return paths
 
 
@@ -148,6 +153,19 @@ class OwnerState:
         self.storage = open_storage(self.paths)
         self.blobs = BlobStore(self.paths.blobs)
         self.uploads = UploadArea(self.paths.uploads)
+        self._ledger: LedgerWriter | None = None
+
+    @property
+    def ledger(self) -> LedgerWriter:
+        """The ledger's writer, with the owner's signing key (read on first use)."""
+        if self._ledger is None:
+            if not self.paths.signing_key.is_file():
+                raise OffsiteError(
+                    f"{self.paths.root} has no signing key ({self.paths.signing_key}): the ledger needs an "
+                    f"initialised state (`offsite owner init --state {self.paths.root} --server-name NAME`)"
+                )
+            self._ledger = LedgerWriter(self.storage, crypto.load_private_key(self.paths.signing_key))
+        return self._ledger
 
     def close(self) -> None:
         self.storage.close()

@@ -19,13 +19,16 @@ from dataclasses import dataclass
 from offsite import crypto
 from offsite.errors import OffsiteError
 from offsite.formats import submission as envelope_format
-from offsite.server import checks
+from offsite.privacy import history as local_history
+from offsite.server import budgets, checks
+from offsite.server import ledger as ledger_records
 from offsite.server.auth import Call, Caller
 from offsite.server.errors import (
     BusyError,
     ClockSkewError,
     FileIntegrityError,
     IncompleteUploadError,
+    LedgerConflictError,
     LimitError,
     NotFoundError,
     PermissionDeniedError,
@@ -49,6 +52,8 @@ log = logging.getLogger("offsite.server")
 SMALL_FILE_LIMITS = {"adapter.json": 1 << 20, "receipt.json": 1 << 20, "receipt.sig": 1 << 10}
 #: A page of ListJobs stays below the message limit by this margin.
 _PAGE_MARGIN = 1 << 20
+#: A budget decision is made again this often when a grant of the same dataset changes meanwhile.
+LEDGER_ATTEMPTS = 5
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,9 @@ class OffsiteService:
         self._clock = clock
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self._budget_locks: dict[tuple[str, str], threading.Lock] = {}
+        self.ledger = state.ledger  # the owner's signing key: refuse to serve without it
+        self.ledger.open()
 
     # -- jobs and downloads --------------------------------------------------------------------
     def _job_for(self, caller: Caller, job_id: str) -> JobRecord:
@@ -179,7 +187,8 @@ class OffsiteService:
             record = self.storage.get_submission(record.submission_id)
             if record.state != SubmissionState.UPLOADING:
                 if first.finish_write and not first.data:
-                    return record.total, record  # a retried finish: the decision stands
+                    # A retried finish: the decision stands (or is made now, if it was left undecided).
+                    return record.total, self.decide(record.submission_id)
                 raise OffsiteError(
                     f"submission {record.submission_id} is {record.state.value}: its upload is over"
                 )
@@ -230,6 +239,15 @@ class OffsiteService:
     def list_receipts(self, caller: Caller, dataset_id: str = "") -> list[SubmissionRecord]:
         return self.storage.accepted_receipts(caller.client_id, dataset_id or None)
 
+    def budgets(
+        self, caller: Caller, dataset_id: str = ""
+    ) -> tuple[list[budgets.DatasetLedger], bytes | None]:
+        """What the ledger holds for the caller's datasets (or one), and a signed checkpoint of its head."""
+        if dataset_id:
+            local_history.validate_dataset_id(dataset_id)
+        ids = [dataset_id] if dataset_id else self.storage.ledger_datasets(caller.client_id)
+        return [budgets.read(self.storage, caller.client_id, d) for d in ids], self.ledger.checkpoint()
+
     # -- deciding ---------------------------------------------------------------------------------
     def _reject(self, submission_id: str, reason: str) -> SubmissionRecord:
         """Record the rejection, then remove its files: nothing rejected can be plugged in."""
@@ -252,14 +270,7 @@ class OffsiteService:
             facts = checks.check_receipt(
                 directory, job, crypto.public_key_from_b64(client.receipt_key), declared
             )
-        except OffsiteError as e:
-            self._reject(submission_id, str(e))
-            raise
-        for f in record.files:
-            self.state.blobs.put_file(directory / f.name, f.sha256, move=True)
-        decided = self.storage.decide(
-            submission_id,
-            Decision(
+            decision = Decision(
                 SubmissionState.ACCEPTED,
                 adapter_sha256=adapter_sha256,
                 dataset_id=facts.dataset_id if facts else "",
@@ -267,10 +278,63 @@ class OffsiteService:
                 delta=facts.delta if facts else 0.0,
                 receipt=facts.receipt if facts else None,
                 receipt_signature=facts.signature if facts else None,
-            ),
-        )
+            )
+            with self._budget_lock(record.client_id, facts.dataset_id if facts else ""):
+                decided = self._accept(record, decision, facts)
+        except LedgerConflictError:
+            raise  # left received: decided again by the client's retry or at the next start
+        except OffsiteError as e:
+            self._reject(submission_id, str(e))
+            raise
         self.state.uploads.remove(submission_id)
         return decided
+
+    @contextmanager
+    def _budget_lock(self, client_id: str, dataset_id: str) -> Iterator[None]:
+        """Decisions on one (client, dataset) run one at a time in this process (the storage's scope
+        check also holds them to it across processes, e.g. a grant changed from the command line)."""
+        with self._locks_guard:
+            lock = self._budget_locks.setdefault((client_id, dataset_id), threading.Lock())
+        with lock:
+            yield
+
+    def _accept(
+        self, record: SubmissionRecord, decision: Decision, facts: checks.ReceiptFacts | None
+    ) -> SubmissionRecord:
+        """Admit against the grant, then commit the acceptance and its ledger entry in one transaction."""
+        directory = self.state.uploads.directory(record.submission_id)
+        for attempt in range(LEDGER_ATTEMPTS):
+            admission, scope = None, None
+            if facts is not None:
+                admission = budgets.admit(
+                    budgets.read(self.storage, record.client_id, facts.dataset_id), facts.cumulative_history
+                )
+                scope = admission.view.scope
+            entry = ledger_records.submission_record(
+                record,
+                decision.adapter_sha256,
+                dataset_id=facts.dataset_id if facts else None,
+                receipt=facts.receipt if facts else None,
+                receipt_signature=crypto.decode_signature(facts.signature, "receipt.sig") if facts else None,
+                grant_index=admission.view.grant.index if admission and admission.view.grant else None,
+                spent=admission.spent() if admission else None,
+            )
+            # The files first: an accepted submission always has them (a crash before the commit leaves
+            # content-addressed blobs that no record points to, which cannot be plugged in).
+            for f in record.files:
+                if not self.state.blobs.has(f.sha256):
+                    self.state.blobs.put_file(directory / f.name, f.sha256, move=True)
+            try:
+                return self.storage.decide(
+                    record.submission_id,
+                    decision,
+                    ledger=self.ledger.maker(entry, checkpoint=True),
+                    scope=scope,
+                )
+            except LedgerConflictError:
+                if attempt + 1 == LEDGER_ATTEMPTS:
+                    raise
+        raise AssertionError("unreachable")
 
     def recover(self) -> None:
         """After a restart: decide submissions received before a crash; drop files of decided ones."""

@@ -49,6 +49,31 @@ def _submission(record: SubmissionRecord) -> pb.Submission:
         delta=record.delta,
         created_at=record.created_at,
         decided_at=record.decided_at or "",
+        ledger_checkpoint=record.ledger_checkpoint or b"",
+    )
+
+
+def _budget(view) -> pb.DatasetBudget:
+    grant = view.grant
+    spent = view.spent() if grant is not None else 0.0
+    return pb.DatasetBudget(
+        dataset_id=view.dataset_id,
+        granted=grant is not None,
+        grant_epsilon=grant.epsilon if grant else 0.0,
+        grant_delta=grant.delta if grant else 0.0,
+        granted_at=grant.at if grant else "",
+        spent_epsilon=spent,
+        remaining_epsilon=(grant.epsilon - spent) if grant else 0.0,
+        accepted_submissions=view.accepted,
+        runs=[
+            pb.RecordedRun(
+                run_id=r["run_id"],
+                noise_multiplier=r["noise_multiplier"],
+                sample_rate=r["sample_rate"],
+                steps=r["steps"],
+            )
+            for r in view.union
+        ],
     )
 
 
@@ -104,3 +129,7 @@ class OffsiteServicer(pb_grpc.OffsiteServiceServicer):
                 for r in records
             ]
         )
+
+    def GetBudget(self, request, context):
+        views, checkpoint = self._service.budgets(context.call.caller, request.dataset_id)
+        return pb.GetBudgetResponse(datasets=[_budget(v) for v in views], ledger_checkpoint=checkpoint or b"")

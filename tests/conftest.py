@@ -3,12 +3,16 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# As `offsite` itself does (offsite/cli/main.py): OpenMP threads that spin while they wait make each
+# training step many times slower on a machine whose cores are busy with other work. It must be set
+# before torch loads its OpenMP runtime; subprocesses inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import torch  # noqa: E402
 import transformers  # noqa: E402
 
 transformers.utils.logging.disable_progress_bar()

@@ -1,6 +1,7 @@
 """The whole mission through the commands, with `offsite serve` as a separate process: owner init,
-enrol, publish; the data owner fetches, trains with DP (`offsite client train`), submits; the owner
-sees it accepted and plugs it in; a revoked data owner is turned away."""
+enrol, publish, grant; the data owner fetches, trains with DP under the smallest of its limits (`offsite
+client train --server --job`), submits and asks what the ledger holds; the owner sees it accepted and
+plugs it in; a revoked data owner is turned away; an auditor checks the exported ledger."""
 
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ NEW_COMMANDS = [
     ["owner", "publish"],
     ["owner", "submissions"],
     ["owner", "plug"],
+    ["owner", "grant"],
+    ["owner", "export-ledger"],
+    ["audit", "ledger"],
     ["client", "jobs"],
     ["client", "fetch"],
     ["client", "submit"],
@@ -105,6 +109,8 @@ def test_mission_over_the_wire(tmp_path, capsys, monkeypatch):
         "--json",
     )
     assert job["clients"] == ["alice"] and not job["allow_no_dp"]
+    granted = offsite(capsys, "owner", "grant", "alice", "clinic", "--epsilon", 6, "--delta", 1e-4, "--json")
+    assert (granted["epsilon"], granted["spent_epsilon"]) == (6, 0)
 
     server = ServerProcess(owner_dir, port).start()
     try:
@@ -112,14 +118,24 @@ def test_mission_over_the_wire(tmp_path, capsys, monkeypatch):
         assert [(j["job_id"], j["signature"]) for j in jobs] == [("j1", "ok")]
         fetched = offsite(capsys, "client", "fetch", "j1", "--out", tmp_path / "fetched", "--json")
         assert fetched["bundle_id"] == job["bundle_id"]
+        # the target is the smallest of the limits: the job's 10, the grant's 6 (at the grant's δ), --epsilon 8
         trained = offsite(
             capsys,
             "client", "train", tmp_path / "fetched", "--data", data, "--out", tmp_path / "adapter",
-            "--dataset-id", "clinic", "--epsilon", 8, "--epochs", 1, "--json",
+            "--dataset-id", "clinic", "--epsilon", 8, "--epochs", 1, "--server", "--job", "j1", "--json",
         )  # fmt: skip
-        assert trained["dp"] and trained["epsilon"]["cumulative"]["prv_upper"] <= 8.01
+        limits = trained["server_limits"]
+        assert (limits["epsilon"], limits["delta"], limits["chosen"]) == (6, 1e-4, "the owner's grant")
+        assert (
+            trained["dp"] and trained["delta"] == 1e-4 and trained["epsilon"]["cumulative"]["prv_upper"] <= 6
+        )
         submitted = offsite(capsys, "client", "submit", tmp_path / "adapter", "--job", "j1", "--json")
         assert submitted["state"] == "accepted", submitted
+        assert Path(submitted["ledger_checkpoint"]).parent == Path(client_dir) / "checkpoints"
+        [budget] = offsite(capsys, "client", "budget", "--server", "--json")["datasets"]
+        assert budget["grant"]["epsilon"] == 6 and budget["accepted_submissions"] == 1
+        assert budget["spent_epsilon"] == pytest.approx(trained["epsilon"]["cumulative"]["prv_upper"])
+        assert budget["this_machine"]["unknown_runs"] is None
         assert offsite(capsys, "client", "status", "--json")["submissions"][0]["state"] == "accepted"
         listed = offsite(capsys, "owner", "submissions", "--json")["submissions"]
         assert [(s["client_id"], s["state"], s["dataset_id"]) for s in listed] == [
@@ -164,3 +180,15 @@ def test_mission_over_the_wire(tmp_path, capsys, monkeypatch):
     finally:
         assert server.stop() == 0
     assert (Path(client_dir) / "submissions" / f"{submitted['submission_id']}.json").is_file()
+
+    # the auditor: the exported ledger, the owner key from the enrolment package, the client's checkpoints
+    exported = offsite(capsys, "owner", "export-ledger", "--out", tmp_path / "ledger.json", "--json")
+    audit = offsite(
+        capsys, "audit", "ledger", exported["export"], "--owner-pubkey", tmp_path / "pkg" / "owner_signing_key.pub.pem",
+        "--checkpoints", Path(client_dir) / "checkpoints", "--html", tmp_path / "report.html", "--json",
+    )  # fmt: skip
+    assert audit["ok"] and audit["owner_key_pinned"] and audit["checkpoints_checked"] >= 1
+    [alice] = audit["clients"]
+    assert alice["revoked_at_entry"] is not None and alice["datasets"][0]["accepted_submissions"] == 1
+    assert (tmp_path / "report.html").is_file()
+    assert "PASS" in offsite(capsys, "audit", "ledger", owner_dir)["out"]

@@ -11,12 +11,15 @@ import uuid
 import pytest
 
 from offsite.errors import IntegrityError, OffsiteError
-from offsite.server.errors import AlreadyExistsError, NotFoundError, ReplayError
+from offsite.server.errors import AlreadyExistsError, LedgerConflictError, NotFoundError, ReplayError
 from offsite.server.storage.base import (
     ClientRecord,
     Decision,
     DeclaredFile,
     JobRecord,
+    LedgerAppend,
+    LedgerRow,
+    LedgerScope,
     SubmissionRecord,
     SubmissionState,
     utc_now,
@@ -212,6 +215,130 @@ def test_concurrent_writers_never_lose_an_update(backend, store):
     assert not errors
     assert store.get_submission(s.submission_id).committed == 400
     assert len(store.list_submissions()) == 1 + 400
+
+
+# -- the ledger (entries are opaque bytes here; offsite.server.ledger makes and signs them) ------------
+
+
+def maker(*kinds: tuple[str, str, str], checkpoint: bytes | None = None, seen: list | None = None):
+    """An EntryMaker appending entries of (kind, client, dataset) after the head it is given."""
+
+    def make(head, clients):
+        if seen is not None:
+            seen.append((head, [c.client_id for c in clients()] if head is None else None))
+        start = 0 if head is None else head.index + 1
+        rows = tuple(
+            LedgerRow(start + i, f"entry {start + i}".encode(), b"sig", f"{start + i:064x}", k, c, d)
+            for i, (k, c, d) in enumerate(kinds)
+        )
+        return LedgerAppend(rows, checkpoint)
+
+    return make
+
+
+def received(store) -> SubmissionRecord:
+    s = submission()
+    store.add_submission(s)
+    store.set_committed(s.submission_id, 15)
+    store.mark_received(s.submission_id)
+    return s
+
+
+def test_ledger_entries_are_appended_after_the_head_and_read_back(store):
+    assert store.ledger_head() is None and store.ledger_rows() == []
+    seen = []
+    store.append_ledger(maker(("open", "", ""), ("grant", "alice", "ds"), seen=seen))
+    assert seen == [(None, ["alice", "bob"])]  # an opening maker sees the clients enrolled so far
+    store.append_ledger(maker(("grant", "bob", "ds"), ("grant", "alice", "other"), seen=seen))
+    assert seen[1][0].index == 1 and seen[1][0].ledger_id == f"{0:064x}"
+    assert [r.index for r in store.ledger_rows()] == [0, 1, 2, 3]
+    assert [r.entry for r in store.ledger_rows(1, 3)] == [b"entry 1", b"entry 2"]
+    head = store.ledger_head()
+    assert (head.index, head.hash, head.ledger_id) == (3, f"{3:064x}", f"{0:064x}")
+    assert [r.index for r in store.ledger_scope("alice", "ds")] == [1]
+    rows, clients = store.ledger_snapshot()
+    assert [r.index for r in rows] == [0, 1, 2, 3] and [c.client_id for c in clients] == ["alice", "bob"]
+    assert store.ledger_datasets("alice") == ["ds", "other"] and store.ledger_datasets("carol") == []
+    with pytest.raises(OffsiteError, match="does not follow the head"):  # a maker that skips an index
+
+        def skipping(head, clients):
+            return LedgerAppend((LedgerRow(head.index + 2, b"x", b"s", "f" * 64, "grant"),))
+
+        store.append_ledger(skipping)
+    assert store.ledger_head().index == 3  # nothing of it was written
+
+
+def test_a_change_and_its_entry_commit_together_or_not_at_all(store):
+    """Enrolment, revocation, acceptance and plug-in: with a maker that fails, neither the change nor an
+    entry is recorded; with one that works, both are, and an acceptance keeps its checkpoint."""
+
+    def broken(head, clients):
+        raise OffsiteError("the signing key is gone")
+
+    with pytest.raises(OffsiteError, match="signing key"):
+        store.add_client(client("carol"), ledger=broken)
+    with pytest.raises(NotFoundError):
+        store.get_client("carol")
+    store.add_client(client("carol"), ledger=maker(("open", "", ""), ("enrol", "carol", "")))
+    assert [r.kind for r in store.ledger_rows()] == ["open", "enrol"]
+    with pytest.raises(OffsiteError):
+        store.revoke_client("carol", "gone", ledger=broken)
+    assert store.get_client("carol").revoked_at is None
+    store.revoke_client("carol", "gone", ledger=maker(("revoke", "carol", "")))
+    store.revoke_client("carol", "again", ledger=maker(("revoke", "carol", "")))  # idempotent: no entry
+    assert [r.kind for r in store.ledger_rows()] == ["open", "enrol", "revoke"]
+    s = received(store)
+    accepted = Decision(SubmissionState.ACCEPTED, adapter_sha256="a" * 64, dataset_id="ds", epsilon=1.0)
+    with pytest.raises(OffsiteError):
+        store.decide(s.submission_id, accepted, ledger=broken)
+    assert store.get_submission(s.submission_id).state == SubmissionState.RECEIVED
+    decided = store.decide(
+        s.submission_id, accepted, ledger=maker(("submission", "alice", "ds"), checkpoint=b"cp")
+    )
+    assert decided.state == SubmissionState.ACCEPTED and decided.ledger_checkpoint == b"cp"
+    with pytest.raises(OffsiteError):
+        store.mark_plugged(s.submission_id, "/m", ledger=broken)
+    assert store.get_submission(s.submission_id).state == SubmissionState.ACCEPTED
+    store.mark_plugged(s.submission_id, "/m", ledger=maker(("plug", "alice", "")))
+    assert [r.kind for r in store.ledger_rows()][-2:] == ["submission", "plug"]
+
+
+def test_a_budget_decision_on_a_stale_ledger_is_refused(backend, store):
+    """A decision made on the pair's ledger as it was commits only if no budget entry of the pair was
+    appended since (as another server on the same state would do): else nothing changes."""
+    store.append_ledger(maker(("open", "", ""), ("grant", "alice", "ds")))
+    mark = store.ledger_scope("alice", "ds")[-1].index
+    s = received(store)
+    other = backend()  # another handle, as another process
+    other.append_ledger(maker(("submission", "alice", "ds")), scope=LedgerScope("alice", "ds", mark))
+    accepted = Decision(SubmissionState.ACCEPTED, adapter_sha256="a" * 64, dataset_id="ds")
+    with pytest.raises(LedgerConflictError):
+        store.decide(
+            s.submission_id,
+            accepted,
+            ledger=maker(("submission", "alice", "ds")),
+            scope=LedgerScope("alice", "ds", mark),
+        )
+    assert store.get_submission(s.submission_id).state == SubmissionState.RECEIVED
+    assert len(store.ledger_rows()) == 3
+    # entries of other pairs, or of other kinds, do not make it stale
+    other.append_ledger(maker(("grant", "bob", "ds"), ("plug", "alice", "ds")))
+    fresh = LedgerScope("alice", "ds", store.ledger_scope("alice", "ds")[-1].index)
+    assert store.decide(
+        s.submission_id, accepted, ledger=maker(("submission", "alice", "ds")), scope=fresh
+    ).state == (SubmissionState.ACCEPTED)
+
+
+def test_the_sqlite_ledger_table_refuses_updates_and_deletes(tmp_path):
+    store = SQLiteStorage(tmp_path / "offsite.db")
+    store.append_ledger(maker(("open", "", "")))
+    conn = sqlite3.connect(tmp_path / "offsite.db")
+    for sql in ("UPDATE ledger SET entry = x'00'", "DELETE FROM ledger"):
+        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+            conn.execute(sql)
+    conn.close()
+    assert store.ledger_rows()[0].entry == b"entry 0"
+    store.close()
 
 
 def test_sqlite_is_wal_with_full_sync(tmp_path):

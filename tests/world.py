@@ -122,6 +122,9 @@ def build_world(root: Path) -> World:
             max_delta=1e-3,
             allow_no_dp=True,
         )
+        # The ledger counts a DP submission only under a grant for its (client, dataset).
+        admin.grant(state, "alice", "ds1", epsilon=50, delta=1e-3)
+        admin.grant(state, "bob", "ds1", epsilon=50, delta=1e-3)
     # alice trains on the bundle as fetched over the wire would be: signed by the owner
     signed = root / "bundle-signed"
     shutil.copytree(bundle, signed)

@@ -30,17 +30,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--epochs",
         type=int,
-        default=3,
-        help="passes over the data (default 3); under DP the expected passes: steps = ⌈epochs / q⌉",
+        default=None,
+        help="passes over the data (default: under DP the DP default, see below; without DP 3); under DP "
+        "the expected passes: steps = ⌈epochs / q⌉",
     )
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate, in (0, 10] (default 1e-3)")
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="learning rate, in (0, 10] (default: under DP the DP default; without DP 1e-3)",
+    )
     p.add_argument(
         "--batch-size",
         type=int,
-        default=16,
-        help="batch size (default 16). Under DP the nominal batch B: each record joins each step's batch "
-        "with probability q = B / bucket (bucket: the power of two at or above the number of records), so "
-        "batches hold q·N records on average, between B/2 and B; the noisy gradient sum is divided by B",
+        default=None,
+        help="batch size (default: under DP the DP default; without DP 16). Under DP the nominal batch B: "
+        "each record joins each step's batch with probability q = B / bucket (bucket: the power of two at or "
+        "above the number of records), so batches hold q·N records on average, between B/2 and B; the noisy "
+        "gradient sum is divided by B",
     )
     p.add_argument("--seed", type=int, default=0, help="data order, initialisation and dropout")
     p.add_argument("--eval-data", type=Path, default=None, help="records for the per-epoch eval loss")
@@ -56,6 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the result (plan, ε, paths) as JSON")
     add_dp_arguments(p)
     add_placement_arguments(p, frozen="the emulator's middle blocks, embeddings and head", checkpointing=True)
+    client_service.add_train_server_arguments(p)
     p.set_defaults(func=cmd_train)
     from offsite.cli.keys import register_keys
 
@@ -76,6 +84,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--delta", type=float, default=None, help="state ε at this δ (default: each dataset's own δ)"
     )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    client_service.add_budget_server_arguments(p)
     p.set_defaults(func=cmd_budget)
     client_service.register(cmds)
 
@@ -107,7 +116,11 @@ def add_dp_arguments(p: argparse.ArgumentParser) -> None:
         "of the number of records. Sampling and noise come from a ChaCha20 stream keyed from os.urandom (a "
         "new key per run, never stored), never from --seed. Every option is checked before any budget is "
         "reserved; an interrupted run (crash, Ctrl-C) resumes under its reservation when rerun with the "
-        "same bundle, data, --out and settings.",
+        "same bundle, data, --out and settings. DP defaults: tuning DP settings by trial would spend "
+        "budget, so --batch-size, --epochs and --lr, when not given, follow a documented rule "
+        "(offsite.training.dp_defaults, docs/privacy.md) from the dataset's size bucket, ε, δ and the "
+        "adapter kind; the chosen values are printed, flags you give always win, and a warning says when "
+        "the data is too small for the budget to buy much.",
     )
     g.add_argument("--dataset-id", help="name of the private dataset whose budget this run spends")
     g.add_argument(
@@ -187,10 +200,22 @@ def cmd_train(args: argparse.Namespace) -> int:
         err_console.print(
             "[bold red]noise is seeded (test only): this run is NOT private; the receipt says so[/bold red]"
         )
+    limits = None
+    if args.server is not None:  # the job's maximum and the owner's grant are limits too
+        limits = client_service.server_limits(args)
+        args.epsilon, args.delta = limits["epsilon"], limits["delta"]
+        err_console.print(
+            f"target ε = {limits['epsilon']:g} at δ = {limits['delta']:g}, the smallest of: "
+            + ", ".join(f"{name} {value:g}" for name, value in limits["limits"].items())
+        )
+    # Hyperparameters not given: under DP the DP defaults choose them once the data's size bucket is
+    # known; without DP TuneOptions' own defaults apply.
+    given = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size}
     opts = TuneOptions(
-        epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
+        **{name: value for name, value in given.items() if value is not None},
+        dp_defaults_for=tuple(name for name, value in given.items() if value is None)
+        if not args.no_dp
+        else (),
         seed=args.seed,
         eval_data=args.eval_data,
         eval_fraction=args.eval_fraction,
@@ -223,6 +248,15 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "swamp the gradient and the adapter will learn almost nothing"
             )
 
+    chosen_defaults: dict = {}
+
+    def on_defaults(d) -> None:
+        chosen_defaults.update(d.to_json())
+        picked = ", ".join(f"--{n.replace('_', '-')}" for n in opts.dp_defaults_for)
+        err_console.print(f"{d.summary()}; used for {picked} (flags you give win)")
+        if d.warning:
+            warn(d.warning)
+
     def on_eval(epoch: int, loss: float) -> None:
         err_console.print(f"epoch {epoch}: eval loss {loss:.4f}")
 
@@ -237,6 +271,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             on_plan=on_plan,
             on_total=bar.set_total,
             on_warning=warn,
+            on_defaults=on_defaults,
         )
     if args.json:
         print_json(
@@ -245,9 +280,11 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "bundle_id": result.bundle_id,
                 "dp": opts.dp,
                 "plan": asdict(result.plan) if result.plan else None,
+                "dp_defaults": chosen_defaults or None,
                 "epsilon": result.receipt["epsilon"] if result.receipt else None,
                 "delta": result.receipt["delta"] if result.receipt else None,
                 "receipt": str(args.out / "receipt.json") if result.receipt else None,
+                "server_limits": limits,
             }
         )
         return 0
@@ -281,6 +318,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_budget(args: argparse.Namespace) -> int:
+    if args.server is not None:
+        return client_service.cmd_server_budget(args)
     from offsite import state
     from offsite.privacy import accounting, history
 

@@ -1,5 +1,6 @@
 """`offsite client jobs|fetch|submit|status` and `offsite client keys request|install`: the data
-owner's side of the service.
+owner's side of the service; and the server's side of `offsite client budget --server` and
+`offsite client train --server --job`.
 
 Registered from ``offsite.cli.client`` and ``offsite.cli.keys`` with one call each; ``after_keys_init``
 is the hook by which ``keys init`` also makes the TLS key and the enrolment request.
@@ -39,6 +40,42 @@ def _connection_arguments(p: argparse.ArgumentParser) -> None:
         "still be for the enrolled server name)",
     )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _server_option(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--server",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="HOST:PORT",
+        help=f"{what}: ask the owner's server (at the address of the enrolment package, or HOST:PORT; its "
+        "certificate must still be for the enrolled server name)",
+    )
+
+
+def add_budget_server_arguments(p: argparse.ArgumentParser) -> None:
+    """`client budget --server [HOST:PORT] [--keys-dir DIR]`."""
+    _server_option(p, "show what the owner's ledger has recorded for your datasets and what remains")
+    p.add_argument(
+        "--keys-dir",
+        type=Path,
+        default=None,
+        help="with --server: the data owner's credentials (default: $OFFSITE_CLIENT_DIR)",
+    )
+
+
+def add_train_server_arguments(p: argparse.ArgumentParser) -> None:
+    """`client train --server [HOST:PORT] --job JOB` (the DP group has --keys-dir)."""
+    g = p.add_argument_group(
+        "the owner's limits (with --server)",
+        "Three limits apply to a run's dataset: this machine's budget, the job's maximum ε and the "
+        "owner's grant for the dataset. With --server the server is asked for the job's maximum and the "
+        "grant (and the runs its ledger holds for the dataset, which this machine must know about), and "
+        "the run's target ε is the smallest of the limits (and --epsilon, if given), at the grant's δ.",
+    )
+    _server_option(g, "take the job's maximum ε and the dataset's grant into account")
+    g.add_argument("--job", default=None, help="with --server: the job the adapter is for")
 
 
 def register(cmds: argparse._SubParsersAction) -> None:
@@ -306,7 +343,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
             if args.json:
                 print_json({"error": e.details, "code": e.code.name})
             raise OffsiteError(f"submission refused: {e.details} ({e.code.name})") from None
-    info = _submission_json(result.submission)
+    info = _submission_json(result.submission) | {
+        "ledger_checkpoint": str(result.checkpoint) if result.checkpoint else None
+    }
+    if result.checkpoint_problem:
+        warn(f"the server's ledger checkpoint was NOT kept: {result.checkpoint_problem}")
     if args.json:
         print_json(info | {"resumed": result.resumed})
         return 0 if info["state"] in ("accepted", "plugged") else 3
@@ -321,6 +362,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         console.print(
             f"dataset {info['dataset_id']}: cumulative ε = {info['epsilon']:.4g} at δ = {info['delta']:g}"
         )
+    if result.checkpoint:
+        console.print(f"ledger checkpoint kept: {result.checkpoint}")
     return 0 if info["state"] in ("accepted", "plugged") else 3
 
 
@@ -335,7 +378,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             console.print("no submissions made from this machine")
         return 0
     with _client(args) as c:
-        rows = [_submission_json(c.status(i)) for i in ids]
+        records = [c.status(i) for i in ids]
+        for record in records:
+            c.keep_checkpoint(record.ledger_checkpoint)
+        rows = [_submission_json(r) for r in records]
     if args.json:
         print_json({"submissions": rows})
         return 0
@@ -360,3 +406,167 @@ def cmd_status(args: argparse.Namespace) -> int:
     if any(r["state"] == "rejected" for r in rows):
         warn("rejected submissions are not used; the reason says what to fix")
     return 0
+
+
+# ------------------------------------------------------------------------------------------ budgets
+
+
+def _runs(view) -> list[dict]:
+    return [
+        {
+            "run_id": r.run_id,
+            "mechanism": "poisson-subsampled-gaussian",
+            "noise_multiplier": r.noise_multiplier,
+            "sample_rate": r.sample_rate,
+            "steps": r.steps,
+        }
+        for r in view.runs
+    ]
+
+
+def _budget_json(view) -> dict:
+    return {
+        "dataset_id": view.dataset_id,
+        "granted": view.granted,
+        "grant": {"epsilon": view.grant_epsilon, "delta": view.grant_delta, "at": view.granted_at}
+        if view.granted
+        else None,
+        "spent_epsilon": view.spent_epsilon,
+        "remaining_epsilon": view.remaining_epsilon if view.granted else None,
+        "accepted_submissions": view.accepted_submissions,
+        "runs": _runs(view),
+    }
+
+
+def cmd_server_budget(args: argparse.Namespace) -> int:
+    """`client budget --server`: the server's ledger for this data owner's datasets, beside this machine's."""
+    from offsite import state
+    from offsite.privacy import history, ledger_budget
+
+    wanted = [history.validate_dataset_id(d) for d in args.dataset_ids]
+    with _client(args) as c:
+        responses = [c.budget(d) for d in wanted] if wanted else [c.budget()]
+    views = [v for response, _, _ in responses for v in response.datasets]
+    kept = [k for _, k, _ in responses if k is not None]
+    problems = [p for _, _, p in responses if p]
+    client_dir = state.client_dir()
+    rows = []
+    for view in views:
+        row = _budget_json(view)
+        local = history.read(view.dataset_id, client_dir)
+        row["this_machine"] = None
+        if local.version is not None:  # this machine has a history of the dataset
+            mine = history.cumulative_history(view.dataset_id, client_dir)
+            row["this_machine"] = {
+                "budget": None
+                if local.budget is None
+                else {"epsilon": local.budget.epsilon, "delta": local.budget.delta},
+                "unknown_runs": ledger_budget.omission(_runs(view), mine),
+            }
+        rows.append(row)
+    info = {"datasets": rows, "checkpoint": str(kept[-1]) if kept else None, "checkpoint_problems": problems}
+    if args.json:
+        print_json(info)
+        return 0 if not problems else 1
+    if not rows:
+        console.print("the owner's ledger holds no grant and no submission of yours")
+    else:
+        console.print(
+            table(
+                "the owner's ledger: your datasets (ε composed over the recorded runs, never added)",
+                ["dataset", "grant ε", "δ", "spent ε", "remaining", "accepted", "runs"],
+                [
+                    (
+                        r["dataset_id"],
+                        f"{r['grant']['epsilon']:g}" if r["grant"] else "none",
+                        f"{r['grant']['delta']:g}" if r["grant"] else "-",
+                        f"{r['spent_epsilon']:.4f}",
+                        f"{r['remaining_epsilon']:.4f}" if r["grant"] else "-",
+                        r["accepted_submissions"],
+                        len(r["runs"]),
+                    )
+                    for r in rows
+                ],
+            )
+        )
+        console.print(
+            "remaining = grant ε - spent ε, how far the composed total is below the grant; a further run "
+            "is composed with the recorded ones (`client train --server --job` does it)"
+        )
+        for r in rows:
+            if r["grant"] is None:
+                warn(
+                    f"{r['dataset_id']}: no grant: the server refuses its DP submissions until the owner grants one"
+                )
+            mine = r["this_machine"]
+            if mine and mine["unknown_runs"]:
+                warn(
+                    f"{r['dataset_id']}: the server holds runs this machine has not recorded: {mine['unknown_runs']}"
+                )
+    if kept:
+        console.print(f"ledger checkpoint kept: {kept[-1]}")
+    for p in problems:
+        warn(f"the server's checkpoint was NOT kept: {p}")
+    return 0 if not problems else 1
+
+
+def server_limits(args: argparse.Namespace) -> dict:
+    """For `client train --server --job`: the run's target ε (the smallest of the limits) and δ (the
+    grant's), after checking that this machine knows every run the server's ledger holds."""
+    from offsite import state
+    from offsite.errors import OffsiteError
+    from offsite.privacy import history, ledger_budget
+
+    if not args.job:
+        raise OffsiteError("--server needs --job JOB: the job's maximum ε is one of the limits")
+    if args.no_dp:
+        raise OffsiteError("--server sets the privacy target of a DP run; it cannot be used with --no-dp")
+    if not args.dataset_id:
+        raise OffsiteError("--server needs --dataset-id: grants are per dataset")
+    dataset_id = history.validate_dataset_id(args.dataset_id)
+    with _client(args) as c:
+        job = c.job(args.job)
+        response, kept, problem = c.budget(dataset_id)
+    if problem:
+        raise OffsiteError(f"the server's ledger checkpoint does not verify with the owner's key: {problem}")
+    view = next((v for v in response.datasets if v.dataset_id == dataset_id), None)
+    if view is None or not view.granted:
+        raise OffsiteError(
+            f"the owner has granted no budget for dataset {dataset_id}: the server would refuse the adapter. "
+            f"Ask the owner for `offsite owner grant CLIENT_ID {dataset_id} --epsilon E --delta D`"
+        )
+    budget_dir = state.client_dir()
+    unknown = ledger_budget.omission(_runs(view), history.cumulative_history(dataset_id, budget_dir))
+    if unknown:
+        raise OffsiteError(
+            f"the server's ledger holds runs on {dataset_id} that this machine has not recorded ({unknown}); "
+            "a receipt from this machine would leave them out and be refused"
+        )
+    delta = view.grant_delta
+    if job.policy.max_delta < delta:
+        delta = job.policy.max_delta
+    if args.delta is not None and args.delta != delta:
+        raise OffsiteError(
+            f"--delta {args.delta:g}: with --server the run is accounted at δ = {delta:g} (the grant's, within "
+            "the job's maximum); leave --delta out"
+        )
+    limits = {f"job {job.job_id}'s maximum": job.policy.max_epsilon, "the owner's grant": view.grant_epsilon}
+    local = history.read(dataset_id, budget_dir).budget
+    if local is not None:
+        if local.delta != delta:
+            raise OffsiteError(
+                f"dataset {dataset_id}'s budget on this machine is at δ = {local.delta:g}, the grant's at "
+                f"δ = {delta:g}: `offsite client set-budget {dataset_id} --epsilon E --delta {delta:g}` first"
+            )
+        limits["this machine's budget"] = local.epsilon
+    if args.epsilon is not None:
+        limits["--epsilon"] = args.epsilon
+    chosen = min(limits, key=limits.get)
+    return {
+        "epsilon": limits[chosen],
+        "delta": delta,
+        "limits": limits,
+        "chosen": chosen,
+        "spent_on_server": view.spent_epsilon,
+        "checkpoint": str(kept) if kept else None,
+    }

@@ -18,7 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "given inputs allow: full zero-shot (--model), emulator zero-shot (--bundle), emulator fine-tuned "
         "(--bundle --adapter), plug-in (--merged), full fine-tuned (--full-ft). Never trains. Metrics: "
         "lm perplexity; mc accuracy by log-likelihood (acc, acc_norm); cls accuracy; mlm masked-token "
-        "perplexity (fixed masking seed).",
+        "perplexity (fixed masking seed). Each fine-tuned row also shows the settings it was trained with "
+        "(from the adapter's metadata, the merged model's offsite_plug.json and the fully fine-tuned "
+        "model's offsite_finetune.json; --json: 'hyperparameters').",
     )
     p.add_argument("--task", type=Path, required=True, help="evaluation records (JSONL, CSV or text)")
     p.add_argument("--type", dest="kind", choices=KINDS, required=True, help="task type")
@@ -41,12 +43,26 @@ def format_metric(name: str, value: float | None) -> str:
 
 
 def report_table(report, title: str = "five settings"):
-    from offsite.evaluation.settings import METRICS
+    """The rows of ``report`` with their metrics, the settings each fine-tuned row was trained with,
+    and notes."""
+    from offsite.evaluation.settings import METRICS, describe_hyperparameters
 
     names = METRICS[report.kind]
-    headers = ["setting", *[f"{n} (%)" if n != "perplexity" else n for n in names], "note"]
+    notes = any(r.note for r in report.rows)  # a column of nothing only costs width
+    headers = [
+        "setting",
+        *[f"{n} (%)" if n != "perplexity" else n for n in names],
+        "trained with",
+        *(["note"] if notes else []),
+    ]
     rows = [
-        (r.setting, *[format_metric(n, (r.metrics or {}).get(n)) for n in names], r.note) for r in report.rows
+        (
+            r.setting,
+            *[format_metric(n, (r.metrics or {}).get(n)) for n in names],
+            describe_hyperparameters(r.hyperparameters),
+            *([r.note] if notes else []),
+        )
+        for r in report.rows
     ]
     return table(f"{title} ({report.kind}, {report.records} records)", headers, rows)
 

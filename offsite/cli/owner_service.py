@@ -1,4 +1,5 @@
-"""`offsite owner init|enrol|revoke|publish|submissions`: the model owner's side of the service.
+"""`offsite owner init|enrol|revoke|publish|submissions|grant|export-ledger`: the model owner's side of
+the service.
 
 Registered from ``offsite.cli.owner`` with one call; also the helpers ``owner prepare`` and
 ``owner plug`` use to reach the owner's state (record of issued bundles, accepted submissions).
@@ -131,6 +132,36 @@ def register(cmds: argparse._SubParsersAction) -> None:
     add_state_argument(p)
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.set_defaults(func=cmd_submissions)
+
+    p = cmds.add_parser(
+        "grant",
+        help="grant a data owner's dataset a privacy budget (ε, δ), recorded in the ledger",
+        description="Grant CLIENT_ID's dataset DATASET_ID (the dataset id its receipts name) a budget: the "
+        "server accepts a DP submission for the dataset only while the union of the runs its accepted "
+        "receipts record, composed (never added) at δ = --delta, stays within ε = --epsilon (PRV upper "
+        "bound). Without a grant the dataset's submissions are refused. Granting again replaces the grant "
+        "in force; every grant is a signed entry of the ledger. Works with or without the server running.",
+    )
+    p.add_argument("client_id", metavar="CLIENT_ID", help="the enrolled data owner")
+    p.add_argument("dataset_id", metavar="DATASET_ID", help="its dataset id, as its receipts name it")
+    p.add_argument("--epsilon", type=float, required=True, help="the most ε the dataset may spend, composed")
+    p.add_argument("--delta", type=float, required=True, help="the δ at which ε is computed")
+    add_state_argument(p)
+    p.add_argument("--json", action="store_true", help="print the grant as JSON")
+    p.set_defaults(func=cmd_grant)
+
+    p = cmds.add_parser(
+        "export-ledger",
+        help="write the signed ledger as one self-contained file for an auditor",
+        description="Write FILE: every ledger entry with the owner's signature, the owner's public key, the "
+        "enrolled clients' receipt keys and certificate pins as recorded, signed over the whole by the "
+        "owner's key. An auditor checks it with `offsite audit ledger FILE`, without access to the server. "
+        "Refuses an existing FILE.",
+    )
+    add_state_argument(p)
+    p.add_argument("--out", type=Path, required=True, metavar="FILE", help="the export file to create")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_export_ledger)
 
 
 # ------------------------------------------------------------------------------------------ commands
@@ -312,6 +343,62 @@ def cmd_submissions(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_grant(args: argparse.Namespace) -> int:
+    from offsite.cli.ui import warn
+    from offsite.server import admin
+
+    with _open(args) as state:
+        view = admin.grant(state, args.client_id, args.dataset_id, args.epsilon, args.delta)
+        spent = view.spent()
+    info = {
+        "client_id": view.client_id,
+        "dataset_id": view.dataset_id,
+        "epsilon": args.epsilon,
+        "delta": args.delta,
+        "entry": view.grant.index if view.grant else None,
+        "spent_epsilon": spent,
+        "accepted_submissions": view.accepted,
+    }
+    if args.json:
+        print_json(info)
+        return 0
+    console.print(
+        f"[green]granted[/green] {view.client_id} / {view.dataset_id}: ε = {args.epsilon:g} at δ = "
+        f"{args.delta:g} (ledger entry {info['entry']})"
+    )
+    console.print(
+        f"  recorded so far: {view.accepted} accepted submission(s), ε = {spent:.4f} at δ = {args.delta:g} "
+        "(PRV upper bound, runs composed)"
+    )
+    if spent > args.epsilon:
+        warn("the dataset has already spent more than this grant: its further submissions will be refused")
+    return 0
+
+
+def cmd_export_ledger(args: argparse.Namespace) -> int:
+    from offsite.formats.ledger import parse_export
+    from offsite.server import admin
+
+    with _open(args) as state:
+        path = admin.export_ledger(state, args.out)
+    export = parse_export(path.read_bytes())
+    info = {
+        "export": str(path),
+        "entries": len(export.entries),
+        "ledger_id": export.ledger_id,
+        "head": export.head,
+        "owner_key_fingerprint": export.owner_key_fingerprint,
+    }
+    if args.json:
+        print_json(info)
+        return 0
+    console.print(f"[green]ledger exported[/green] to {path}: {info['entries']} signed entries")
+    console.print(f"  ledger id   {export.ledger_id}")
+    console.print(f"  owner key   sha256:{export.owner_key_fingerprint}  (give the auditor this to pin)")
+    console.print(f"next: `offsite audit ledger {path} --owner-pubkey OWNER_KEY.pem`")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------ prepare and plug
 
 
@@ -352,5 +439,5 @@ def plug_inputs(args: argparse.Namespace) -> Iterator[tuple[Path, object, object
             yield (
                 adapter_dir,
                 manifests,
-                lambda: state.storage.mark_plugged(args.submission, str(Path(args.out).resolve())),
+                lambda: admin.mark_plugged(state, args.submission, str(Path(args.out).resolve())),
             )

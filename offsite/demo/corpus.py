@@ -46,6 +46,7 @@ __all__ = [
     "downstream_task",
     "pretraining_corpus",
     "render_question",
+    "validation_split",
 ]
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
@@ -302,20 +303,62 @@ def downstream_task(
         for a in world.attributes:
             train.append({"prompt": render_question(e, a), "completion": " " + world.fact(e, a)})
     rng.shuffle(train)
-    evals: list[dict[str, object]] = []
-    for e in world.eval_entities:
-        for a, vals in world.attributes.items():
-            true = world.fact(e, a)
-            choices = [true] + rng.sample([v for v in vals if v != true], n_choices - 1)
-            rng.shuffle(choices)
-            evals.append(
-                {
-                    "question": render_question(e, a),
-                    "choices": [" " + c for c in choices],
-                    "answer": choices.index(true),
-                }
-            )
+    evals = [_mc_question(world, e, a, rng, n_choices) for e in world.eval_entities for a in world.attributes]
     return train, evals
+
+
+def _mc_question(world: World, e: str, a: str, rng: random.Random, n_choices: int) -> dict[str, object]:
+    """A multiple-choice question: the true value and ``n_choices - 1`` distractors, shuffled."""
+    true = world.fact(e, a)
+    choices = [true] + rng.sample([v for v in world.attributes[a] if v != true], n_choices - 1)
+    rng.shuffle(choices)
+    return {
+        "question": render_question(e, a),
+        "choices": [" " + c for c in choices],
+        "answer": choices.index(true),
+    }
+
+
+def _entity_and_attribute(prompt: str) -> tuple[str, str]:
+    """Invert :func:`render_question`: ``"Q : kavu ba ti lo ? food => A :"`` -> (entity, attribute)."""
+    head, _, tail = prompt.removeprefix("Q : ").partition(" ? ")
+    return head, tail.partition(" => ")[0]
+
+
+def validation_split(
+    world: World, train: list[dict[str, str]], fraction: float = 0.1, seed: int = 0, n_choices: int = 4
+) -> tuple[list[dict[str, str]], list[dict[str, object]]]:
+    """Split fine-tuning records into (training part, validation questions) for hyperparameter selection.
+
+    The evaluation asks about *families* the fine-tuning data never mentions, so a random split
+    of records would reward memorising family facts (other members of a validation entity's family
+    stay in training). This split holds out *whole fine-tuning families* instead, drawn in a
+    ``seed``-shuffled order until they hold at least ``fraction`` of the records, and turns their
+    records into multiple-choice questions built as the evaluation's are. It never looks at the
+    evaluation set.
+    """
+    family_of = {e: f for f in world.train_families for e in world.members[f]}
+    by_family: dict[str, list[dict[str, str]]] = {}
+    for r in train:
+        entity, _ = _entity_and_attribute(r["prompt"])
+        by_family.setdefault(family_of[entity], []).append(r)
+    order = sorted(by_family)
+    rng = random.Random(f"offsite-demo-validation-{world.seed}-{seed}")
+    rng.shuffle(order)
+    held: set[str] = set()
+    count = 0
+    for f in order:
+        if count >= fraction * len(train):
+            break
+        held.add(f)
+        count += len(by_family[f])
+    rest = [r for r in train if family_of[_entity_and_attribute(r["prompt"])[0]] not in held]
+    questions = [
+        _mc_question(world, *_entity_and_attribute(r["prompt"]), rng, n_choices)
+        for r in train
+        if family_of[_entity_and_attribute(r["prompt"])[0]] in held
+    ]
+    return rest, questions
 
 
 def build_tokenizer(world: World) -> Tokenizer:

@@ -1,13 +1,17 @@
 """The five settings every offsite-tuning result is reported in (Xiao et al. 2023).
 
 ``evaluate_settings`` fills the rows it has inputs for and leaves the rest as n/a. It
-never trains anything.
+never trains anything. Each fine-tuned row also says which settings it was trained with (a
+comparison is only as fair as its settings): the adapter's ``hyperparameters`` for the emulator
+row, the same carried into the merged model's ``offsite_plug.json`` for the plug-in row, and
+``offsite_finetune.json`` for the full fine-tuned row.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,9 +33,11 @@ from offsite.errors import OffsiteError
 from offsite.evaluation.metrics import classification_accuracy, multiple_choice_accuracy, token_perplexity
 from offsite.formats.adapter import read_adapter
 from offsite.formats.bundle import Bundle
+from offsite.full_finetune import SETTINGS_FILE as FULL_FT_SETTINGS_FILE
 from offsite.models.adapters import task_of
 from offsite.models.loading import load_placed, load_tokenizer
 from offsite.models.registry import Task
+from offsite.plug import PLUG_FILE
 
 MLM_MASK_SEED = 1234
 SETTINGS = ("full zero-shot", "emulator zero-shot", "emulator fine-tuned", "plug-in", "full fine-tuned")
@@ -53,6 +59,7 @@ class Row:
     setting: str
     metrics: dict[str, float] | None
     note: str = ""
+    hyperparameters: dict | None = None  # what a fine-tuned row was trained with, where known
 
 
 @dataclass
@@ -67,7 +74,43 @@ class Report:
             "records": self.records,
             "settings": {r.setting: r.metrics for r in self.rows},
             "notes": {r.setting: r.note for r in self.rows if r.note},
+            "hyperparameters": {r.setting: r.hyperparameters for r in self.rows if r.hyperparameters},
         }
+
+
+_SHOWN = (
+    ("lr", "lr {:g}"),
+    ("epochs", "{} ep"),
+    ("batch_size", "batch {}"),
+    ("noise_multiplier", "σ {:.3g}"),
+    ("steps", "{} steps"),
+)
+
+
+def describe_hyperparameters(h: Mapping | None) -> str:
+    """One line for a table: ``"no DP · lr 0.001 · 2 ep · batch 32"`` or ``"DP · lr … · σ 0.76 · 48 steps"``."""
+    if not h:
+        return ""
+    parts = ["DP" if h.get("dp") else "no DP"]
+    for key, fmt in _SHOWN:
+        value = h.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            parts.append(fmt.format(value))
+    return " · ".join(parts)
+
+
+def _recorded_settings(path: Path, key: str) -> dict | None:
+    """``key`` of a small JSON file written beside a model, or None if absent or unreadable.
+
+    Display only: a missing or malformed file means "settings unknown", never an error.
+    """
+    try:
+        if not path.is_file() or path.stat().st_size > 1 << 20:
+            return None
+        value = json.loads(path.read_bytes()).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return dict(value) if isinstance(value, dict) else None
 
 
 @torch.no_grad()
@@ -106,6 +149,8 @@ def evaluate_settings(task_file: str | os.PathLike, kind: str, inputs: EvalInput
         _check_task(model, kind, path)
         return score(model, tokenizer, records, kind)
 
+    adapter_settings: dict = {}
+
     def emulator(adapter: Path | None) -> dict[str, float]:
         model, view = bundle.load_emulator(placement=device.current())
         _check_task(model, kind, bundle.path)
@@ -118,7 +163,18 @@ def evaluate_settings(task_file: str | os.PathLike, kind: str, inputs: EvalInput
                 expected_spec=bundle.spec,
             )
             view.load_state_dict(a.tensors)
+            h = a.meta.get("hyperparameters")
+            adapter_settings.update(h if isinstance(h, dict) else {})
         return score(model, tokenizer, records, kind)
+
+    def settings_of(setting: str) -> dict | None:
+        if setting == SETTINGS[2]:
+            return dict(adapter_settings) or None
+        if setting == SETTINGS[3]:
+            return _recorded_settings(inputs.merged / PLUG_FILE, "adapter_hyperparameters")
+        if setting == SETTINGS[4]:
+            return _recorded_settings(inputs.full_ft / FULL_FT_SETTINGS_FILE, "full_finetune")
+        return None
 
     plan = [
         (SETTINGS[0], inputs.model, lambda: full(inputs.model), "needs --model"),
@@ -139,6 +195,7 @@ def evaluate_settings(task_file: str | os.PathLike, kind: str, inputs: EvalInput
             row = Row(setting, None, missing)
         else:
             row = Row(setting, run())
+            row.hyperparameters = settings_of(setting)
         report.rows.append(row)
         if on_row:
             on_row(row)

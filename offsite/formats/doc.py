@@ -28,6 +28,7 @@ from offsite.formats.schema import Schema
 
 def tables() -> dict[str, type[Schema]]:
     """The documented formats, by marker name (each imported here, on demand)."""
+    from offsite.formats import ledger
     from offsite.formats.adapter import AdapterMeta
     from offsite.formats.manifest import Manifest
     from offsite.formats.safetensors_file import HeaderEntry
@@ -38,6 +39,10 @@ def tables() -> dict[str, type[Schema]]:
         "adapter.json": AdapterMeta,
         "safetensors header entry": HeaderEntry,
         "distillation checkpoint": DistillCheckpointMeta,
+        "ledger entry": ledger.LedgerEntry,
+        **{f"ledger record: {kind}": model for kind, model in ledger.RECORDS.items()},
+        "ledger checkpoint": ledger.Checkpoint,
+        "ledger export": ledger.LedgerExport,
     }
 
 
@@ -114,6 +119,8 @@ def _models_in(ann: Any) -> list[tuple[str, type[Schema]]]:
         return [m for a in args for m in _models_in(a)]
     if origin is dict:
         return [(".*" + p, m) for p, m in _models_in(args[1])]
+    if origin in (list, tuple) and args:
+        return [("[]" + p, m) for p, m in _models_in(args[0])]
     return []
 
 
@@ -122,6 +129,9 @@ def rows(model: type[Schema], prefix: str = "") -> list[tuple[str, str, str]]:
     for name, field in model.model_fields.items():
         key = f"{prefix}{field.alias or name}"
         required = "" if field.is_required() else " (optional)"
+        if (field.json_schema_extra or {}).get("expand") is False:  # documented in tables of its own
+            out.append((key, "object" + required, field.description or ""))
+            continue
         out.append((key, type_text(field.annotation, field.metadata) + required, field.description or ""))
         for suffix, sub in _models_in(field.annotation):
             out += rows(sub, f"{key}{suffix}.")

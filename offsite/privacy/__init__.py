@@ -7,6 +7,7 @@ _EXPORTS = {
     "calibrate_noise": "offsite.privacy.accounting",
     "verify_receipt": "offsite.privacy.receipt_audit",
     "build_receipt": "offsite.privacy.receipt",
+    "audit_ledger": "offsite.privacy.ledger_audit",
 }
 __all__ = list(_EXPORTS)
 

@@ -334,6 +334,68 @@ def epsilon_rdp(history: Sequence[Mapping[str, Any]], delta: float) -> float:
     return _rdp(_key(history), validate_delta(delta))
 
 
+def _check_work(key: Key, delta: float) -> None:
+    """Refuse a history whose numerical accounting would exceed the work limits (the same grid bound as
+    the PRV accountant's, so no accountant here can be stalled by a hostile history)."""
+    check_size(key)
+    if not key:
+        return
+    domain = prv_domain(key, DEFAULT_EPS_ERROR, delta / 1000)
+    if domain.size > MAX_PRV_POINTS or domain.size * len(key) > MAX_PRV_WORK:
+        raise AccountingError(
+            f"history {_describe(key)} would need {domain.size:,} grid points at δ={delta:g} (limits: "
+            f"{MAX_PRV_POINTS:,} points, {MAX_PRV_WORK:,} phases × points): refused rather than accounted slowly"
+        )
+
+
+#: Google's dp-accounting PLD accountant: its value discretisation interval. Its pessimistic estimate
+#: (the library's default) is an upper bound on ε; a coarser interval only adds pessimism (1e-3 is within
+#: 1e-3 of 1e-4 on the published vectors, at a tenth of the time).
+PLD_DISCRETISATION = 1e-3
+PLD_ACCOUNTANT = "dp_accounting.pld.PLDAccountant: pessimistic estimate, value discretisation 1e-3"
+
+
+@lru_cache(maxsize=512)
+def _pld_grouped(key: Key, delta: float) -> float:
+    if not key:
+        return 0.0
+    _check_work(key, delta)
+    import dp_accounting as dpa  # imported on use: it takes seconds, and only audits need it
+    from dp_accounting import pld
+
+    event = dpa.ComposedDpEvent(
+        [
+            dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(sigma)), n)
+            for sigma, q, n in key
+        ]
+    )
+    accountant = pld.PLDAccountant(
+        dpa.NeighboringRelation.ADD_OR_REMOVE_ONE, value_discretization_interval=PLD_DISCRETISATION
+    )
+    try:
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")
+            accountant.compose(event)
+            eps = float(accountant.get_epsilon(delta))
+    except (RuntimeError, ValueError, OverflowError, FloatingPointError, MemoryError) as e:
+        raise AccountingError(
+            f"the PLD accountant could not compute ε at δ={delta:g} for history {_describe(key)} ({e})"
+        ) from e
+    if not math.isfinite(eps):
+        raise AccountingError(
+            f"the PLD accountant returned ε={eps} for history {_describe(key)} at δ={delta:g}"
+        )
+    return max(eps, 0.0)
+
+
+def epsilon_pld(history: Sequence[Mapping[str, Any]], delta: float) -> float:
+    """ε at ``delta`` of the composed ``history`` from Google's dp-accounting PLD accountant: an
+    accountant independent of Opacus' (another implementation and another method: privacy loss
+    distributions composed by FFT). The pessimistic estimate, so an upper bound like PRV's."""
+    history = validate_history(list(history))
+    return _pld_grouped(group_phases(_key(history)), validate_delta(delta))
+
+
 def epsilon(
     history: Sequence[Mapping[str, Any]], delta: float, eps_error: float = DEFAULT_EPS_ERROR
 ) -> Epsilon:

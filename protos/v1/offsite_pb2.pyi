@@ -149,7 +149,7 @@ class GetSubmissionRequest(_message.Message):
     def __init__(self, submission_id: _Optional[str] = ...) -> None: ...
 
 class Submission(_message.Message):
-    __slots__ = ("submission_id", "job_id", "state", "reason", "adapter_sha256", "dataset_id", "epsilon", "delta", "created_at", "decided_at")
+    __slots__ = ("submission_id", "job_id", "state", "reason", "adapter_sha256", "dataset_id", "epsilon", "delta", "created_at", "decided_at", "ledger_checkpoint")
     SUBMISSION_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -160,6 +160,7 @@ class Submission(_message.Message):
     DELTA_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     DECIDED_AT_FIELD_NUMBER: _ClassVar[int]
+    LEDGER_CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     submission_id: str
     job_id: str
     state: SubmissionState
@@ -170,7 +171,8 @@ class Submission(_message.Message):
     delta: float
     created_at: str
     decided_at: str
-    def __init__(self, submission_id: _Optional[str] = ..., job_id: _Optional[str] = ..., state: _Optional[_Union[SubmissionState, str]] = ..., reason: _Optional[str] = ..., adapter_sha256: _Optional[str] = ..., dataset_id: _Optional[str] = ..., epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., created_at: _Optional[str] = ..., decided_at: _Optional[str] = ...) -> None: ...
+    ledger_checkpoint: bytes
+    def __init__(self, submission_id: _Optional[str] = ..., job_id: _Optional[str] = ..., state: _Optional[_Union[SubmissionState, str]] = ..., reason: _Optional[str] = ..., adapter_sha256: _Optional[str] = ..., dataset_id: _Optional[str] = ..., epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., created_at: _Optional[str] = ..., decided_at: _Optional[str] = ..., ledger_checkpoint: _Optional[bytes] = ...) -> None: ...
 
 class ListReceiptsRequest(_message.Message):
     __slots__ = ("dataset_id",)
@@ -199,3 +201,51 @@ class ListReceiptsResponse(_message.Message):
     RECEIPTS_FIELD_NUMBER: _ClassVar[int]
     receipts: _containers.RepeatedCompositeFieldContainer[Receipt]
     def __init__(self, receipts: _Optional[_Iterable[_Union[Receipt, _Mapping]]] = ...) -> None: ...
+
+class GetBudgetRequest(_message.Message):
+    __slots__ = ("dataset_id",)
+    DATASET_ID_FIELD_NUMBER: _ClassVar[int]
+    dataset_id: str
+    def __init__(self, dataset_id: _Optional[str] = ...) -> None: ...
+
+class RecordedRun(_message.Message):
+    __slots__ = ("run_id", "noise_multiplier", "sample_rate", "steps")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    def __init__(self, run_id: _Optional[str] = ..., noise_multiplier: _Optional[float] = ..., sample_rate: _Optional[float] = ..., steps: _Optional[int] = ...) -> None: ...
+
+class DatasetBudget(_message.Message):
+    __slots__ = ("dataset_id", "granted", "grant_epsilon", "grant_delta", "granted_at", "spent_epsilon", "remaining_epsilon", "accepted_submissions", "runs")
+    DATASET_ID_FIELD_NUMBER: _ClassVar[int]
+    GRANTED_FIELD_NUMBER: _ClassVar[int]
+    GRANT_EPSILON_FIELD_NUMBER: _ClassVar[int]
+    GRANT_DELTA_FIELD_NUMBER: _ClassVar[int]
+    GRANTED_AT_FIELD_NUMBER: _ClassVar[int]
+    SPENT_EPSILON_FIELD_NUMBER: _ClassVar[int]
+    REMAINING_EPSILON_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_SUBMISSIONS_FIELD_NUMBER: _ClassVar[int]
+    RUNS_FIELD_NUMBER: _ClassVar[int]
+    dataset_id: str
+    granted: bool
+    grant_epsilon: float
+    grant_delta: float
+    granted_at: str
+    spent_epsilon: float
+    remaining_epsilon: float
+    accepted_submissions: int
+    runs: _containers.RepeatedCompositeFieldContainer[RecordedRun]
+    def __init__(self, dataset_id: _Optional[str] = ..., granted: _Optional[bool] = ..., grant_epsilon: _Optional[float] = ..., grant_delta: _Optional[float] = ..., granted_at: _Optional[str] = ..., spent_epsilon: _Optional[float] = ..., remaining_epsilon: _Optional[float] = ..., accepted_submissions: _Optional[int] = ..., runs: _Optional[_Iterable[_Union[RecordedRun, _Mapping]]] = ...) -> None: ...
+
+class GetBudgetResponse(_message.Message):
+    __slots__ = ("datasets", "ledger_checkpoint")
+    DATASETS_FIELD_NUMBER: _ClassVar[int]
+    LEDGER_CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    datasets: _containers.RepeatedCompositeFieldContainer[DatasetBudget]
+    ledger_checkpoint: bytes
+    def __init__(self, datasets: _Optional[_Iterable[_Union[DatasetBudget, _Mapping]]] = ..., ledger_checkpoint: _Optional[bytes] = ...) -> None: ...

@@ -69,6 +69,11 @@ class OffsiteServiceStub:
                 request_serializer=offsite_dot_wire_dot_v1_dot_offsite__pb2.ListReceiptsRequest.SerializeToString,
                 response_deserializer=offsite_dot_wire_dot_v1_dot_offsite__pb2.ListReceiptsResponse.FromString,
                 _registered_method=True)
+        self.GetBudget = channel.unary_unary(
+                '/offsite.v1.OffsiteService/GetBudget',
+                request_serializer=offsite_dot_wire_dot_v1_dot_offsite__pb2.GetBudgetRequest.SerializeToString,
+                response_deserializer=offsite_dot_wire_dot_v1_dot_offsite__pb2.GetBudgetResponse.FromString,
+                _registered_method=True)
 
 
 class OffsiteServiceServicer:
@@ -127,6 +132,14 @@ class OffsiteServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetBudget(self, request, context):
+        """What the owner's ledger holds for the caller's datasets (or one): the grant, the recorded runs and
+        the ε they compose to; with a signed checkpoint of the ledger's head.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OffsiteServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -164,6 +177,11 @@ def add_OffsiteServiceServicer_to_server(servicer, server):
                     servicer.ListReceipts,
                     request_deserializer=offsite_dot_wire_dot_v1_dot_offsite__pb2.ListReceiptsRequest.FromString,
                     response_serializer=offsite_dot_wire_dot_v1_dot_offsite__pb2.ListReceiptsResponse.SerializeToString,
+            ),
+            'GetBudget': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBudget,
+                    request_deserializer=offsite_dot_wire_dot_v1_dot_offsite__pb2.GetBudgetRequest.FromString,
+                    response_serializer=offsite_dot_wire_dot_v1_dot_offsite__pb2.GetBudgetResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -355,6 +373,33 @@ class OffsiteService:
             '/offsite.v1.OffsiteService/ListReceipts',
             offsite_dot_wire_dot_v1_dot_offsite__pb2.ListReceiptsRequest.SerializeToString,
             offsite_dot_wire_dot_v1_dot_offsite__pb2.ListReceiptsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBudget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/offsite.v1.OffsiteService/GetBudget',
+            offsite_dot_wire_dot_v1_dot_offsite__pb2.GetBudgetRequest.SerializeToString,
+            offsite_dot_wire_dot_v1_dot_offsite__pb2.GetBudgetResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,10 +1,13 @@
-"""The owner's records behind one small interface: clients, issued bundles, jobs, submissions, nonces.
+"""The owner's records behind one small interface: clients, issued bundles, jobs, submissions, nonces,
+and the privacy ledger (append-only, hash-chained, signed entries; ``offsite.formats.ledger``).
 
 A backend implements ``Storage``; ``sqlite.SQLiteStorage`` is the embedded default and a PostgreSQL
 backend can follow without touching its callers: the interface speaks in the records below, plain
 Python values and the errors of ``offsite.server.errors``, never in SQL, rows or driver exceptions.
 Every method is one transaction: it happens completely or not at all, and once it returns it is
 durable. ``tests/test_storage.py`` is one suite written against this interface, run on each backend.
+A change that the ledger records (an enrolment, a revocation, an accepted submission, a plug-in, a
+grant) and its entries commit in one transaction: both or neither.
 
 Files (bundle files, accepted adapters, partial uploads) are not here: ``blobs.BlobStore`` holds them
 by sha256.
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 import abc
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -95,6 +98,7 @@ class SubmissionRecord:
     receipt: bytes | None = None  # exact bytes of receipt.json and receipt.sig, once accepted
     receipt_signature: bytes | None = None
     plugged_into: str = ""
+    ledger_checkpoint: bytes | None = None  # the owner's signed checkpoint of its ledger entry, once accepted
 
     @property
     def total(self) -> int:
@@ -115,13 +119,63 @@ class Decision:
     receipt_signature: bytes | None = None
 
 
+@dataclass(frozen=True)
+class LedgerRow:
+    """One ledger entry as stored: its exact bytes and signature, and the columns it is found by."""
+
+    index: int
+    entry: bytes  # canonical JSON (offsite.formats.ledger)
+    signature: bytes  # raw Ed25519, by the owner's key
+    hash: str  # sha256 of entry
+    kind: str
+    client_id: str = ""
+    dataset_id: str = ""
+    submission_id: str = ""
+
+
+@dataclass(frozen=True)
+class LedgerHead:
+    index: int
+    hash: str
+    ledger_id: str  # the hash of entry 0
+
+
+@dataclass(frozen=True)
+class LedgerAppend:
+    """What an ``EntryMaker`` adds: entries (their indices continue the ledger), and for an accepted
+    submission the signed checkpoint of its entry, stored with the submission."""
+
+    rows: tuple[LedgerRow, ...]
+    checkpoint: bytes | None = None
+
+
+#: Builds the entries of one change inside its write transaction, from the ledger's head (None while
+#: the ledger is empty) and, when it opens the ledger, the clients enrolled so far (a callable, so it is
+#: read only then). Signing happens here, so the chain can never fork between reading the head and writing.
+EntryMaker = Callable[[LedgerHead | None, Callable[[], list[ClientRecord]]], LedgerAppend]
+
+#: Kinds of entries that decide a (client, dataset)'s budget.
+BUDGET_KINDS = ("grant", "submission")
+
+
+@dataclass(frozen=True)
+class LedgerScope:
+    """A precondition: the last budget entry (grant or submission) of ``(client_id, dataset_id)`` is still
+    ``mark`` (-1: none). A budget decision made on that state commits only if it still holds."""
+
+    client_id: str
+    dataset_id: str
+    mark: int
+
+
 class Storage(abc.ABC):
     """The owner's records. Raises NotFoundError, AlreadyExistsError, ReplayError, OffsiteError."""
 
     # -- clients ------------------------------------------------------------------------------
     @abc.abstractmethod
-    def add_client(self, client: ClientRecord) -> None:
-        """AlreadyExistsError if the client id (or the certificate) is known."""
+    def add_client(self, client: ClientRecord, ledger: EntryMaker | None = None) -> None:
+        """AlreadyExistsError if the client id (or the certificate) is known; ``ledger``'s entries are
+        appended in the same transaction."""
 
     @abc.abstractmethod
     def get_client(self, client_id: str) -> ClientRecord: ...
@@ -134,8 +188,9 @@ class Storage(abc.ABC):
     def list_clients(self) -> list[ClientRecord]: ...
 
     @abc.abstractmethod
-    def revoke_client(self, client_id: str, reason: str) -> ClientRecord:
-        """Mark revoked (idempotent: a second revocation keeps the first time and reason)."""
+    def revoke_client(self, client_id: str, reason: str, ledger: EntryMaker | None = None) -> ClientRecord:
+        """Mark revoked (idempotent: a second revocation keeps the first time and reason, and appends no
+        entry); ``ledger``'s entries are appended with the first revocation, in its transaction."""
 
     @abc.abstractmethod
     def revoked_certs(self) -> frozenset[str]:
@@ -182,12 +237,25 @@ class Storage(abc.ABC):
         """UPLOADING -> RECEIVED once every byte is durable (idempotent)."""
 
     @abc.abstractmethod
-    def decide(self, submission_id: str, decision: Decision) -> SubmissionRecord:
-        """RECEIVED -> ACCEPTED or REJECTED (once: a decided submission keeps its decision)."""
+    def decide(
+        self,
+        submission_id: str,
+        decision: Decision,
+        ledger: EntryMaker | None = None,
+        scope: LedgerScope | None = None,
+    ) -> SubmissionRecord:
+        """RECEIVED -> ACCEPTED or REJECTED (once: a decided submission keeps its decision).
+
+        An acceptance with ``ledger`` appends its entries and stores the checkpoint in the same
+        transaction; with ``scope``, it first checks the precondition and raises LedgerConflictError
+        (nothing changed) if another budget entry of the pair was appended since."""
 
     @abc.abstractmethod
-    def mark_plugged(self, submission_id: str, into: str) -> SubmissionRecord:
-        """ACCEPTED -> PLUGGED (PLUGGED again is allowed: a model may be merged twice)."""
+    def mark_plugged(
+        self, submission_id: str, into: str, ledger: EntryMaker | None = None
+    ) -> SubmissionRecord:
+        """ACCEPTED -> PLUGGED (PLUGGED again is allowed: a model may be merged twice); ``ledger``'s
+        entries in the same transaction."""
 
     @abc.abstractmethod
     def list_submissions(
@@ -202,6 +270,31 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def accepted_receipts(self, client_id: str, dataset_id: str | None = None) -> list[SubmissionRecord]:
         """Accepted (and plugged) submissions of ``client_id`` that carry a receipt, oldest first."""
+
+    # -- the ledger (append-only; entries are made and signed by offsite.server.ledger) ------------
+    @abc.abstractmethod
+    def append_ledger(self, maker: EntryMaker, scope: LedgerScope | None = None) -> tuple[LedgerRow, ...]:
+        """Append ``maker``'s entries in one transaction (after checking ``scope``, as ``decide`` does)."""
+
+    @abc.abstractmethod
+    def ledger_head(self) -> LedgerHead | None: ...
+
+    @abc.abstractmethod
+    def ledger_rows(self, start: int = 0, stop: int | None = None) -> list[LedgerRow]:
+        """Entries ``start`` ≤ index < ``stop`` in order (all of them by default)."""
+
+    @abc.abstractmethod
+    def ledger_scope(self, client_id: str, dataset_id: str) -> list[LedgerRow]:
+        """The budget entries (grants, accepted submissions) of one (client, dataset), in order."""
+
+    @abc.abstractmethod
+    def ledger_datasets(self, client_id: str) -> list[str]:
+        """Dataset ids with budget entries of ``client_id``, sorted."""
+
+    @abc.abstractmethod
+    def ledger_snapshot(self) -> tuple[list[LedgerRow], list[ClientRecord]]:
+        """Every entry and every client, read in one consistent snapshot (for the export: a client and
+        its enrolment entry are both in it or neither)."""
 
     @abc.abstractmethod
     def close(self) -> None: ...

@@ -6,7 +6,10 @@
   transaction that reads and then writes can never fail half-way with SQLITE_BUSY (a deferred one
   can, whatever the busy timeout); other writers wait up to ``BUSY_TIMEOUT_MS``.
 * One connection per thread (the server serves calls from a thread pool), all closed by ``close``.
-* The schema version is ``PRAGMA user_version``; ``_MIGRATIONS[i]`` takes version i to i + 1.
+* The schema version is ``PRAGMA user_version``; ``_MIGRATIONS[i]`` takes version i to i + 1 (a
+  script split at ``;``, or a tuple of statements when one holds a ``;``, like a trigger).
+* The ledger table is append-only: triggers refuse every UPDATE and DELETE on it (the chain and the
+  owner's signatures are what make tampering evident; the triggers keep mistakes out).
 """
 
 from __future__ import annotations
@@ -19,13 +22,19 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from offsite.errors import OffsiteError
-from offsite.server.errors import AlreadyExistsError, NotFoundError, ReplayError
+from offsite.formats.ledger import LEDGER_TABLE
+from offsite.server.errors import AlreadyExistsError, LedgerConflictError, NotFoundError, ReplayError
 from offsite.server.storage.base import (
+    BUDGET_KINDS,
     BundleRecord,
     ClientRecord,
     Decision,
     DeclaredFile,
+    EntryMaker,
     JobRecord,
+    LedgerHead,
+    LedgerRow,
+    LedgerScope,
     Storage,
     SubmissionRecord,
     SubmissionState,
@@ -98,6 +107,24 @@ _MIGRATIONS = (
     CREATE INDEX submissions_by_client_dataset ON submissions (client_id, dataset_id, state);
     CREATE INDEX submissions_by_job ON submissions (job_id);
     """,
+    (
+        f"""CREATE TABLE {LEDGER_TABLE} (
+            seq INTEGER PRIMARY KEY,
+            entry BLOB NOT NULL,
+            signature BLOB NOT NULL,
+            hash TEXT NOT NULL UNIQUE,
+            kind TEXT NOT NULL,
+            client_id TEXT NOT NULL DEFAULT '',
+            dataset_id TEXT NOT NULL DEFAULT '',
+            submission_id TEXT NOT NULL DEFAULT ''
+        )""",
+        f"CREATE INDEX ledger_by_scope ON {LEDGER_TABLE} (client_id, dataset_id, kind)",
+        f"""CREATE TRIGGER ledger_no_update BEFORE UPDATE ON {LEDGER_TABLE}
+            BEGIN SELECT RAISE(ABORT, 'the ledger is append-only'); END""",
+        f"""CREATE TRIGGER ledger_no_delete BEFORE DELETE ON {LEDGER_TABLE}
+            BEGIN SELECT RAISE(ABORT, 'the ledger is append-only'); END""",
+        "ALTER TABLE submissions ADD COLUMN ledger_checkpoint BLOB",
+    ),
 )
 
 
@@ -157,7 +184,9 @@ class SQLiteStorage(Storage):
                     f"({len(_MIGRATIONS)}): upgrade offsite"
                 )
             for i in range(version, len(_MIGRATIONS)):
-                for statement in _MIGRATIONS[i].split(";"):
+                migration = _MIGRATIONS[i]
+                statements = migration.split(";") if isinstance(migration, str) else migration
+                for statement in statements:
                     if statement.strip():
                         conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {len(_MIGRATIONS)}")
@@ -185,12 +214,14 @@ class SQLiteStorage(Storage):
             revoked_reason=row["revoked_reason"],
         )
 
-    def add_client(self, client: ClientRecord) -> None:
+    def add_client(self, client: ClientRecord, ledger: EntryMaker | None = None) -> None:
         with self._write() as conn:
             if conn.execute("SELECT 1 FROM clients WHERE client_id = ?", (client.client_id,)).fetchone():
                 raise AlreadyExistsError(f"client {client.client_id!r} is enrolled already")
             if conn.execute("SELECT 1 FROM clients WHERE cert_sha256 = ?", (client.cert_sha256,)).fetchone():
                 raise AlreadyExistsError("this certificate is pinned to another client already")
+            if ledger is not None:  # before the insert: an opening ledger lists the clients enrolled before
+                self._append(conn, ledger)
             conn.execute(
                 "INSERT INTO clients VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
@@ -219,12 +250,14 @@ class SQLiteStorage(Storage):
         rows = self._conn().execute("SELECT * FROM clients ORDER BY enrolled_at, client_id").fetchall()
         return [self._client(r) for r in rows]
 
-    def revoke_client(self, client_id: str, reason: str) -> ClientRecord:
+    def revoke_client(self, client_id: str, reason: str, ledger: EntryMaker | None = None) -> ClientRecord:
         with self._write() as conn:
             row = conn.execute("SELECT * FROM clients WHERE client_id = ?", (client_id,)).fetchone()
             if row is None:
                 raise NotFoundError(f"no client {client_id!r} is enrolled")
             if row["revoked_at"] is None:
+                if ledger is not None:
+                    self._append(conn, ledger)
                 conn.execute(
                     "UPDATE clients SET revoked_at = ?, revoked_reason = ? WHERE client_id = ?",
                     (utc_now(), reason, client_id),
@@ -358,6 +391,7 @@ class SQLiteStorage(Storage):
             delta=row["delta"],
             receipt=blob("receipt"),
             receipt_signature=blob("receipt_signature"),
+            ledger_checkpoint=blob("ledger_checkpoint"),
         )
 
     def add_submission(self, submission: SubmissionRecord) -> None:
@@ -421,12 +455,22 @@ class SQLiteStorage(Storage):
                 )
             return self._get(conn, submission_id)
 
-    def decide(self, submission_id: str, decision: Decision) -> SubmissionRecord:
+    def decide(
+        self,
+        submission_id: str,
+        decision: Decision,
+        ledger: EntryMaker | None = None,
+        scope: LedgerScope | None = None,
+    ) -> SubmissionRecord:
         if decision.state not in (SubmissionState.ACCEPTED, SubmissionState.REJECTED):
             raise OffsiteError(f"a decision is accepted or rejected, not {decision.state.value}")
         with self._write() as conn:
             current = self._get(conn, submission_id)
             if current.state in (SubmissionState.UPLOADING, SubmissionState.RECEIVED):
+                checkpoint = None
+                if decision.state == SubmissionState.ACCEPTED and ledger is not None:
+                    self._check_scope(conn, scope)
+                    checkpoint = self._append(conn, ledger)
                 conn.execute(
                     "UPDATE submissions SET state = ?, reason = ?, decided_at = ?, adapter_sha256 = ?, "
                     "dataset_id = ?, epsilon = ?, delta = ?, receipt = ?, receipt_signature = ? "
@@ -444,15 +488,24 @@ class SQLiteStorage(Storage):
                         submission_id,
                     ),
                 )
+                if checkpoint is not None:
+                    conn.execute(
+                        "UPDATE submissions SET ledger_checkpoint = ? WHERE submission_id = ?",
+                        (checkpoint, submission_id),
+                    )
             return self._get(conn, submission_id)
 
-    def mark_plugged(self, submission_id: str, into: str) -> SubmissionRecord:
+    def mark_plugged(
+        self, submission_id: str, into: str, ledger: EntryMaker | None = None
+    ) -> SubmissionRecord:
         with self._write() as conn:
             current = self._get(conn, submission_id)
             if current.state not in (SubmissionState.ACCEPTED, SubmissionState.PLUGGED):
                 raise OffsiteError(
                     f"submission {submission_id} is {current.state.value}: only accepted ones can be plugged in"
                 )
+            if ledger is not None:
+                self._append(conn, ledger)
             conn.execute(
                 "UPDATE submissions SET state = ?, plugged_at = ?, plugged_into = ? WHERE submission_id = ?",
                 (SubmissionState.PLUGGED.value, utc_now(), into, submission_id),
@@ -488,3 +541,112 @@ class SQLiteStorage(Storage):
             args.append(dataset_id)
         rows = self._conn().execute(sql + " ORDER BY decided_at, submission_id", args).fetchall()
         return [self._submission(r) for r in rows]
+
+    # -- the ledger -------------------------------------------------------------------------------
+    @staticmethod
+    def _row(row: sqlite3.Row) -> LedgerRow:
+        return LedgerRow(
+            index=row["seq"],
+            entry=bytes(row["entry"]),
+            signature=bytes(row["signature"]),
+            hash=row["hash"],
+            kind=row["kind"],
+            client_id=row["client_id"],
+            dataset_id=row["dataset_id"],
+            submission_id=row["submission_id"],
+        )
+
+    @staticmethod
+    def _head(conn: sqlite3.Connection) -> LedgerHead | None:
+        row = conn.execute(f"SELECT seq, hash FROM {LEDGER_TABLE} ORDER BY seq DESC LIMIT 1").fetchone()
+        if row is None:
+            return None
+        first = conn.execute(f"SELECT hash FROM {LEDGER_TABLE} WHERE seq = 0").fetchone()
+        return LedgerHead(row["seq"], row["hash"], first["hash"] if first else "")
+
+    def _append(self, conn: sqlite3.Connection, maker: EntryMaker) -> bytes | None:
+        """Insert ``maker``'s entries after the head (inside the caller's write transaction); return
+        the checkpoint it made, if any."""
+        head = self._head(conn)
+        made = maker(
+            head, lambda: [self._client(r) for r in conn.execute("SELECT * FROM clients ORDER BY rowid")]
+        )
+        expected = 0 if head is None else head.index + 1
+        for i, row in enumerate(made.rows):
+            if row.index != expected + i:
+                raise OffsiteError(
+                    f"ledger entry {row.index} does not follow the head ({expected + i} expected)"
+                )
+            conn.execute(
+                f"INSERT INTO {LEDGER_TABLE} (seq, entry, signature, hash, kind, client_id, dataset_id, "
+                "submission_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    row.index,
+                    row.entry,
+                    row.signature,
+                    row.hash,
+                    row.kind,
+                    row.client_id,
+                    row.dataset_id,
+                    row.submission_id,
+                ),
+            )
+        return made.checkpoint
+
+    @staticmethod
+    def _mark(conn: sqlite3.Connection, client_id: str, dataset_id: str) -> int:
+        row = conn.execute(
+            f"SELECT MAX(seq) FROM {LEDGER_TABLE} WHERE client_id = ? AND dataset_id = ? "
+            f"AND kind IN ({', '.join('?' * len(BUDGET_KINDS))})",
+            (client_id, dataset_id, *BUDGET_KINDS),
+        ).fetchone()
+        return -1 if row[0] is None else row[0]
+
+    def _check_scope(self, conn: sqlite3.Connection, scope: LedgerScope | None) -> None:
+        if scope is not None and self._mark(conn, scope.client_id, scope.dataset_id) != scope.mark:
+            raise LedgerConflictError(
+                f"the ledger of {scope.client_id}/{scope.dataset_id} changed while the decision was made"
+            )
+
+    def append_ledger(self, maker: EntryMaker, scope: LedgerScope | None = None) -> tuple[LedgerRow, ...]:
+        with self._write() as conn:
+            self._check_scope(conn, scope)
+            before = self._head(conn)
+            self._append(conn, maker)
+            start = 0 if before is None else before.index + 1
+            rows = conn.execute(f"SELECT * FROM {LEDGER_TABLE} WHERE seq >= ? ORDER BY seq", (start,))
+            return tuple(self._row(r) for r in rows)
+
+    def ledger_head(self) -> LedgerHead | None:
+        with self._read() as conn:
+            return self._head(conn)
+
+    def ledger_rows(self, start: int = 0, stop: int | None = None) -> list[LedgerRow]:
+        sql, args = f"SELECT * FROM {LEDGER_TABLE} WHERE seq >= ?", [start]
+        if stop is not None:
+            sql += " AND seq < ?"
+            args.append(stop)
+        with self._read() as conn:
+            return [self._row(r) for r in conn.execute(sql + " ORDER BY seq", args)]
+
+    def ledger_scope(self, client_id: str, dataset_id: str) -> list[LedgerRow]:
+        rows = self._conn().execute(
+            f"SELECT * FROM {LEDGER_TABLE} WHERE client_id = ? AND dataset_id = ? "
+            f"AND kind IN ({', '.join('?' * len(BUDGET_KINDS))}) ORDER BY seq",
+            (client_id, dataset_id, *BUDGET_KINDS),
+        )
+        return [self._row(r) for r in rows]
+
+    def ledger_datasets(self, client_id: str) -> list[str]:
+        rows = self._conn().execute(
+            f"SELECT DISTINCT dataset_id FROM {LEDGER_TABLE} WHERE client_id = ? AND dataset_id != '' "
+            f"AND kind IN ({', '.join('?' * len(BUDGET_KINDS))}) ORDER BY dataset_id",
+            (client_id, *BUDGET_KINDS),
+        )
+        return [r[0] for r in rows]
+
+    def ledger_snapshot(self) -> tuple[list[LedgerRow], list[ClientRecord]]:
+        with self._read() as conn:
+            rows = [self._row(r) for r in conn.execute(f"SELECT * FROM {LEDGER_TABLE} ORDER BY seq")]
+            clients = conn.execute("SELECT * FROM clients ORDER BY enrolled_at, client_id").fetchall()
+            return rows, [self._client(c) for c in clients]
