@@ -198,9 +198,14 @@ def worker(
     )
     view = AdapterView(model, spec, identity_positions(shape.layers))
     view.attach()
+    import offsite
+
     try:  # offsite.device exists from this change on; --compare-tree may run an older tree on the CPU
         from offsite import device as placement_module
     except ImportError:
+        placement_module = None
+    # An older tree without the module: the editable install's finder would supply this tree's instead.
+    if placement_module and os.path.dirname(placement_module.__file__) != os.path.dirname(offsite.__file__):
         placement_module = None
     frozen = "fp32" if variant == "opacus" else place.get("frozen_dtype", "fp32")  # Opacus: fp32 only
     if (dev, frozen, place.get("gradient_checkpointing", False)) != ("cpu", "fp32", False):
@@ -298,6 +303,7 @@ def worker(
     memory = DeviceMemory(dev)
     memory.start()
     out = {
+        "offsite": os.path.dirname(os.path.abspath(offsite.__file__)),  # which tree ran (--compare-tree)
         "family": family,
         "kind": kind,
         "variant": variant,
@@ -347,7 +353,10 @@ def run_one(args: list[str], tree: str | None = None) -> dict:
             return {"error": "killed (out of memory)"}
         tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
         return {"error": f"worker crashed ({proc.returncode}): {tail}"[:120]}
-    return json.loads(lines[-1])
+    res = json.loads(lines[-1])
+    if tree and os.path.dirname(res["offsite"]) != os.path.abspath(tree):
+        raise SystemExit(f"--compare-tree {tree}: the worker imported {res['offsite']} instead")
+    return res
 
 
 def fmt_ratio(x: float | None) -> str:

@@ -42,14 +42,14 @@ HERE = Path(__file__).resolve().parent
 
 
 # --------------------------------------------------------------------------- the checkpoint
-def llama_config(layers: int) -> dict:
+def llama_config(layers: int, hidden: int = 4096, ffn: int = 11008) -> dict:
     return {
         "model_type": "llama",
         "architectures": ["LlamaForCausalLM"],
-        "hidden_size": 4096,
-        "intermediate_size": 11008,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 32,
+        "hidden_size": hidden,
+        "intermediate_size": ffn,
+        "num_attention_heads": hidden // 128,
+        "num_key_value_heads": hidden // 128,
         "num_hidden_layers": layers,
         "vocab_size": 32000,
         "max_position_embeddings": 2048,
@@ -62,7 +62,9 @@ def llama_config(layers: int) -> dict:
     }
 
 
-def write_synthetic_checkpoint(directory: Path, layers: int = 5, vocab: int = 32000) -> int:
+def write_synthetic_checkpoint(
+    directory: Path, layers: int = 5, vocab: int = 32000, hidden: int = 4096, ffn: int = 11008
+) -> int:
     """A bf16 LLaMA checkpoint written tensor by tensor (the shapes a LlamaForCausalLM expects) and a
     small tokenizer; returns the weights' size in bytes."""
     import torch
@@ -71,7 +73,7 @@ def write_synthetic_checkpoint(directory: Path, layers: int = 5, vocab: int = 32
 
     from offsite.formats.safetensors_writer import TensorOut, write_safetensors
 
-    cfg = llama_config(layers)
+    cfg = llama_config(layers, hidden, ffn)
     cfg["vocab_size"] = vocab
     d, ffn = cfg["hidden_size"], cfg["intermediate_size"]
     shapes = {
@@ -155,8 +157,13 @@ def reset_hwm() -> None:
         f.write("5")
 
 
-def worker(mode: str, checkpoint: Path, out: Path, lora_rank: int = 0) -> dict:
-    """Prepare ``checkpoint`` into ``out`` by ``mode`` and report memory; run in a fresh process."""
+def worker(mode: str, checkpoint: Path, out: Path, lora_rank: int = 0, warm: bool = False) -> dict:
+    """Prepare ``checkpoint`` into ``out`` by ``mode`` and report memory; run in a fresh process.
+
+    ``warm``: first prepare a tiny checkpoint of the same architecture (3 blocks of width 128) the same
+    way, so that the libraries' lazily imported modules and caches are in memory before the measured
+    run; ``warm_anon`` is the RssAnon after it, what the measured run starts from.
+    """
     import torch
 
     torch.set_num_threads(1)
@@ -169,9 +176,8 @@ def worker(mode: str, checkpoint: Path, out: Path, lora_rank: int = 0) -> dict:
         from offsite.models.emulator import build_emulator, emulator_layer_map
         from offsite.models.loading import load_model
     baseline = _status("RssAnon:")
-    reset_hwm()
-    start = time.perf_counter()
-    with AnonPeak() as peak:
+
+    def run(checkpoint: Path, out: Path) -> None:
         if mode == "streaming":
             opts = PrepareOptions(
                 adapter_bottom=1, adapter_top=1, emulator_layers=1, lora_rank=lora_rank or None
@@ -189,10 +195,22 @@ def worker(mode: str, checkpoint: Path, out: Path, lora_rank: int = 0) -> dict:
             )
             view.attach()
             save_file(view.state_dict(), str(out / "initial_adapter.safetensors"))
+
+    if warm:
+        tiny = out.with_name(out.name + "-warm")
+        write_synthetic_checkpoint(tiny / "model", layers=3, vocab=1000, hidden=128, ffn=344)
+        run(tiny / "model", tiny / "bundle")
+        shutil.rmtree(tiny)
+    warm_anon = _status("RssAnon:")
+    reset_hwm()
+    start = time.perf_counter()
+    with AnonPeak() as peak:
+        run(checkpoint, out)
     seconds = time.perf_counter() - start
     return {
         "mode": mode,
         "baseline_anon": baseline,
+        "warm_anon": warm_anon,
         "peak_anon": peak.peak,
         "vmhwm": _status("VmHWM:"),
         "seconds": seconds,
@@ -200,10 +218,19 @@ def worker(mode: str, checkpoint: Path, out: Path, lora_rank: int = 0) -> dict:
     }
 
 
-def run_worker(mode: str, checkpoint: Path, out: Path, lora_rank: int = 0) -> dict:
+def run_worker(mode: str, checkpoint: Path, out: Path, lora_rank: int = 0, warm: bool = False) -> dict:
     """``worker`` in a fresh process (so that nothing else is in its memory)."""
     script = str(HERE / "bench_prepare_memory.py")
-    cmd = [sys.executable, script, "--worker", mode, str(checkpoint), str(out), str(lora_rank)]
+    cmd = [
+        sys.executable,
+        script,
+        "--worker",
+        mode,
+        str(checkpoint),
+        str(out),
+        str(lora_rank),
+        str(int(warm)),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"worker {mode} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -219,12 +246,12 @@ def main() -> int:
     ap.add_argument("--keep", type=Path, default=None, help="work in this directory and keep it")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     ap.add_argument(
-        "--worker", nargs=4, metavar=("MODE", "CHECKPOINT", "OUT", "LORA"), help=argparse.SUPPRESS
+        "--worker", nargs=5, metavar=("MODE", "CHECKPOINT", "OUT", "LORA", "WARM"), help=argparse.SUPPRESS
     )
     args = ap.parse_args()
     if args.worker:
-        mode, checkpoint, out, lora = args.worker
-        print(json.dumps(worker(mode, Path(checkpoint), Path(out), int(lora))))
+        mode, checkpoint, out, lora, warm = args.worker
+        print(json.dumps(worker(mode, Path(checkpoint), Path(out), int(lora), bool(int(warm)))))
         return 0
 
     root = args.keep or Path(tempfile.mkdtemp(prefix="offsite-bench-prepare-"))
