@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from offsite.device import to_cpu
 from offsite.formats.safetensors_writer import TensorOut, tensor_out
 from offsite.formats.spec import BLOCKS, HEAD_PREFIX, LORA, AdapterSpec
 from offsite.models.lora import LoRALinear, initial_lora, inject_lora
@@ -101,7 +102,7 @@ class AdapterView:
         return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu().contiguous().clone() for k, v in self.named_parameters().items()}
+        return {k: to_cpu(v.detach()).contiguous().clone() for k, v in self.named_parameters().items()}
 
     def load_state_dict(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Copy ``tensors`` in by name; the set of names must match exactly."""

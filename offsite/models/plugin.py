@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from offsite.device import to_cpu
 from offsite.errors import FormatError
 from offsite.formats.checkpoint_files import CheckpointFiles
 from offsite.formats.safetensors_writer import (
@@ -78,7 +79,7 @@ def export_peft(view: AdapterView, out_dir: Path, task: Task) -> None:
             for part in ("lora_A", "lora_B"):
                 w = getattr(mod, part).weight
                 tensors[f"base_model.model.{module_path}.{part}.weight"] = (
-                    w.detach().cpu().contiguous().clone()
+                    to_cpu(w.detach()).contiguous().clone()
                 )
     modules_to_save = None
     if view.spec.trains_head:
@@ -88,7 +89,7 @@ def export_peft(view: AdapterView, out_dir: Path, task: Task) -> None:
         modules_to_save = sorted({n.rsplit(".", 1)[0] for n in head_names})
         params = dict(model.named_parameters())
         for n in head_names:
-            tensors[f"base_model.model.{n}"] = params[n].detach().cpu().contiguous().clone()
+            tensors[f"base_model.model.{n}"] = to_cpu(params[n].detach()).contiguous().clone()
     _save_peft(tensors, out_dir, task, view.spec, targets, fan_in_fan_out, modules_to_save)
 
 

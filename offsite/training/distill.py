@@ -26,7 +26,7 @@ from pydantic import ConfigDict, Field
 from torch import nn
 
 from offsite.data import Example, collate
-from offsite.device import inputs_for, to_device_of
+from offsite.device import inputs_for, to_cpu, to_device_of
 from offsite.errors import FormatError, OffsiteError
 from offsite.formats.schema import Schema, Sha256Hex, validate
 from offsite.models.registry import get_blocks
@@ -108,7 +108,7 @@ def weights_sha256(model: nn.Module) -> str:
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode() + b"\0" + str(t.dtype).encode() + str(tuple(t.shape)).encode())
         h.update(
-            t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()
+            to_cpu(t.detach()).reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()
             if t.numel()
             else b""
         )
