@@ -13,7 +13,11 @@ blocks, one of the middle blocks kept) two ways, each in its own fresh process:
   written from the checkpoint's files one tensor at a time;
 * ``in-memory`` - what ``prepare`` did before: ``from_pretrained(dtype="auto")`` of the whole model,
   ``build_emulator``, ``save_pretrained``, the initial adapter from ``AdapterView.state_dict`` and
-  ``save_file`` (the same library calls, in this process).
+  ``save_file`` (the same library calls, in this process);
+* ``plug`` - ``offsite.plug.plug`` of a LoRA adapter into the same checkpoint (``owner plug``): the
+  merged model is written tensor by tensor, each adapter block's weights merged as they pass. The bundle
+  (LoRA rank 8) is prepared and the adapter (its initial tensors, as a data owner would return them) is
+  written before the measurement starts.
 
 Memory is the process's **anonymous** resident memory (``RssAnon`` in ``/proc/self/status``: heap and
 anonymous mappings, what a model loaded into memory occupies), sampled every 2 ms by a thread, its peak
@@ -169,6 +173,29 @@ def worker(mode: str, checkpoint: Path, out: Path, lora_rank: int = 0, warm: boo
     torch.set_num_threads(1)
     from offsite.prepare import PrepareOptions, prepare
 
+    if mode == "plug":
+        from safetensors.torch import load_file
+
+        from offsite.fileio import staged_directory
+        from offsite.formats.adapter import write_adapter
+        from offsite.formats.bundle import Bundle
+        from offsite.plug import manifest_from_bundle_dir, plug
+
+        bundle_dir, adapter_dir = out.with_name(out.name + "-bundle"), out.with_name(out.name + "-adapter")
+        prepare(
+            checkpoint,
+            bundle_dir,
+            PrepareOptions(adapter_bottom=1, adapter_top=1, emulator_layers=1, lora_rank=8),
+        )
+        with Bundle.open(bundle_dir) as bundle, staged_directory(adapter_dir) as stage:
+            write_adapter(
+                stage,
+                load_file(str(bundle_dir / "initial_adapter.safetensors")),
+                spec=bundle.spec,
+                bundle_id=bundle.id,
+                source_fingerprint=bundle.source_fingerprint,
+                hyperparameters={},
+            )
     if mode == "in-memory":
         from safetensors.torch import save_file
 
@@ -178,7 +205,9 @@ def worker(mode: str, checkpoint: Path, out: Path, lora_rank: int = 0, warm: boo
     baseline = _status("RssAnon:")
 
     def run(checkpoint: Path, out: Path) -> None:
-        if mode == "streaming":
+        if mode == "plug":
+            plug(checkpoint, adapter_dir, out, manifest_from_bundle_dir(bundle_dir))
+        elif mode == "streaming":
             opts = PrepareOptions(
                 adapter_bottom=1, adapter_top=1, emulator_layers=1, lora_rank=lora_rank or None
             )
@@ -196,6 +225,8 @@ def worker(mode: str, checkpoint: Path, out: Path, lora_rank: int = 0, warm: boo
             view.attach()
             save_file(view.state_dict(), str(out / "initial_adapter.safetensors"))
 
+    if warm and mode == "plug":
+        raise SystemExit("warm: prepare modes only")
     if warm:
         tiny = out.with_name(out.name + "-warm")
         write_synthetic_checkpoint(tiny / "model", layers=3, vocab=1000, hidden=128, ffn=344)
@@ -241,7 +272,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=5, help="blocks of the synthetic model (5: 2.55 GB)")
     ap.add_argument(
-        "--modes", nargs="+", default=["streaming", "in-memory"], choices=["streaming", "in-memory"]
+        "--modes",
+        nargs="+",
+        default=["streaming", "in-memory", "plug"],
+        choices=["streaming", "in-memory", "plug"],
     )
     ap.add_argument("--keep", type=Path, default=None, help="work in this directory and keep it")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -265,7 +299,8 @@ def main() -> int:
             res = run_worker(mode, root / "model", root / f"out-{mode}")
             res["checkpoint_bytes"] = size
             results.append(res)
-            shutil.rmtree(root / f"out-{mode}", ignore_errors=True)
+            for extra in ("", "-bundle", "-adapter"):
+                shutil.rmtree(root / f"out-{mode}{extra}", ignore_errors=True)
         print()
         print(
             "| path | checkpoint | peak RssAnon | peak RssAnon / checkpoint | RssAnon before | VmHWM (all resident pages) | written | time |"

@@ -88,7 +88,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=[],
         metavar="WHERE=SIZE",
         help="with --teacher-device-map auto: at most SIZE of the teacher on WHERE (a GPU index or "
-        "`cpu`), e.g. 0=20GiB cpu=64GiB; repeatable; the rest is offloaded to disk",
+        "`cpu`), e.g. 0=20GiB; repeat it for each place (0=20GiB, then cpu=64GiB); the rest is offloaded "
+        "to disk",
     )
     p.set_defaults(func=cmd_prepare)
 
