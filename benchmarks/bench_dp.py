@@ -54,7 +54,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-from memory import peak_kib, reset_peak, rss_kib, trim
+from memory import DeviceMemory, trim
 
 FAMILIES = ("gpt2", "opt", "llama", "bloom", "bert")
 KINDS = ("blocks", "lora")
@@ -162,14 +162,19 @@ def worker(
     warmup: int,
     steps: int,
     count_flops: bool,
+    place: dict | None = None,
 ) -> dict:
     import torch
 
+    place = place or {}
+    dev = place.get("device", "cpu")
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
-    # Opacus on OPT treats batch·seq rows as samples and asks for ~24 GB: fail cleanly
-    # (a MemoryError / RuntimeError) rather than wake the machine's OOM killer.
-    limit = int(float(os.environ.get("BENCH_MEM_LIMIT_GB", "10")) * 2**30)
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    if dev == "cpu":
+        # Opacus on OPT treats batch·seq rows as samples and asks for ~24 GB: fail cleanly
+        # (a MemoryError / RuntimeError) rather than wake the machine's OOM killer. (Not with CUDA,
+        # whose context reserves far more address space than it uses.)
+        limit = int(float(os.environ.get("BENCH_MEM_LIMIT_GB", "10")) * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -193,9 +198,26 @@ def worker(
     )
     view = AdapterView(model, spec, identity_positions(shape.layers))
     view.attach()
+    import offsite
+
+    try:  # offsite.device exists from this change on; --compare-tree may run an older tree on the CPU
+        from offsite import device as placement_module
+    except ImportError:
+        placement_module = None
+    # An older tree without the module: the editable install's finder would supply this tree's instead.
+    if placement_module and os.path.dirname(placement_module.__file__) != os.path.dirname(offsite.__file__):
+        placement_module = None
+    frozen = "fp32" if variant == "opacus" else place.get("frozen_dtype", "fp32")  # Opacus: fp32 only
+    if (dev, frozen, place.get("gradient_checkpointing", False)) != ("cpu", "fp32", False):
+        placement = placement_module.Placement.resolve(
+            dev, frozen, place.get("gradient_checkpointing", False)
+        )
+        placement.place(model)
     model.train()
     shift = family != "bert"
     params = list(view.named_parameters().values())
+    where = params[0].device
+    sync = placement_module.synchronize if placement_module else (lambda device: None)
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
     batch = make_batch(family, shape, logical, seed=1)
     physical = split(batch, shape.physical)
@@ -215,12 +237,19 @@ def worker(
     elif variant in ("ours", "ours-inline"):
         # The train_dp step on a fixed batch: noise from the ChaCha20 stream, drawn a step ahead in
         # the background ("ours") or when the step asks for it ("ours-inline").
+        # As train_dp: host buffers pinned for a CUDA device, a non-blocking copy per step.
+        host = {"allocate": placement_module.HostBuffers(where)} if placement_module else {}
         noise = StepNoise(
-            ChaChaStream.from_os(), sum(p.numel() for p in params), 10**9, background=variant == "ours"
+            ChaChaStream.from_os(),
+            sum(p.numel() for p in params),
+            10**9,
+            background=variant == "ours",
+            **host,
         )
         clipper = PerSampleClipper(model, C).attach()
         counter = iter(range(1, 10**9))
         info.update(noise_size=noise.size, noise_exposed=[])
+        pending = [None]
 
         def step(chunks):
             t = next(counter)
@@ -237,8 +266,14 @@ def worker(
                 k: sum(c.kind == k for c in clipper.last_costs) for k in ("ghost", "materialise", "generic")
             }
             t0 = time.perf_counter()
-            add_noise_and_scale(params, noise.get(t), sigma * C, logical)
-            exposed = time.perf_counter() - t0  # waiting for (or drawing) the noise, and adding it
+            if placement_module:  # the buffer get() refills must have left for the device
+                if pending[0] is not None:
+                    pending[0].wait()
+                pending[0] = placement_module.upload(noise.get(t), where)
+                add_noise_and_scale(params, pending[0].tensor, sigma * C, logical)
+            else:
+                add_noise_and_scale(params, noise.get(t), sigma * C, logical)
+            exposed = time.perf_counter() - t0  # waiting for (or drawing) the noise, copying and adding it
             optimizer.step()
             info["noise_gen"] = noise.generate_seconds / noise.fills  # mean time to draw one step's noise
             info["noise_exposed"].append(exposed)
@@ -265,10 +300,10 @@ def worker(
                     dp_optimizer.signal_skip_step(True)
                 dp_optimizer.step()
 
-    trim()
-    rss_before = rss_kib()
-    hwm_reset = reset_peak()
+    memory = DeviceMemory(dev)
+    memory.start()
     out = {
+        "offsite": os.path.dirname(os.path.abspath(offsite.__file__)),  # which tree ran (--compare-tree)
         "family": family,
         "kind": kind,
         "variant": variant,
@@ -280,16 +315,24 @@ def worker(
             step(warm)
         times, cpu = [], []
         for _ in range(steps):
+            sync(where)
             t0, c0 = time.perf_counter(), time.process_time()
             step(physical)
+            sync(where)  # device work is asynchronous: a step ends when the device is done
             times.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
     except Exception as e:  # noqa: BLE001 - reported in the table
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         out["error"] = f"{type(e).__name__}: {msg}"[:120]
         return out
-    peak = peak_kib() if hwm_reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out.update(times=times, cpu=cpu, growth_mib=(peak - rss_before) / 1024, hwm_reset=hwm_reset, **info)
+    out.update(
+        times=times,
+        cpu=cpu,
+        growth_mib=memory.growth_mib(),
+        hwm_reset=memory.hwm_reset,
+        device=str(where),
+        **info,
+    )
     if count_flops:
         # FLOPs of the plain step (one physical batch, scaled): the floor's denominator.
         with FlopCounterMode(display=False) as counter:
@@ -299,16 +342,21 @@ def worker(
 
 
 # --------------------------------------------------------------------------- driver
-def run_one(args: list[str]) -> dict:
+def run_one(args: list[str], tree: str | None = None) -> dict:
+    """One worker in a fresh process; ``tree``: import ``offsite`` from that source tree instead."""
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    env = dict(os.environ, PYTHONPATH=os.path.abspath(tree)) if tree else None
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         if proc.returncode == -9:
             return {"error": "killed (out of memory)"}
         tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
         return {"error": f"worker crashed ({proc.returncode}): {tail}"[:120]}
-    return json.loads(lines[-1])
+    res = json.loads(lines[-1])
+    if tree and os.path.dirname(res["offsite"]) != os.path.abspath(tree):
+        raise SystemExit(f"--compare-tree {tree}: the worker imported {res['offsite']} instead")
+    return res
 
 
 def fmt_ratio(x: float | None) -> str:
@@ -333,6 +381,21 @@ def main() -> None:
         metavar="FILE",
         help="print the table from saved --json results (runs of the same cell are pooled)",
     )
+    ap.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, mps or auto")
+    ap.add_argument(
+        "--frozen-dtype",
+        default="fp32",
+        choices=("fp32", "bf16", "fp16"),
+        help="frozen parts' dtype (not Opacus)",
+    )
+    ap.add_argument("--gradient-checkpointing", action="store_true", help="recompute the frozen blocks")
+    ap.add_argument(
+        "--compare-tree",
+        default=None,
+        metavar="DIR",
+        help="also run every cell with the offsite package of this source tree (e.g. a checkout of main), "
+        "interleaved with this one, and print this tree's step time over that tree's",
+    )
     ap.add_argument(
         "--worker", nargs=5, metavar=("FAMILY", "KIND", "VARIANT", "LOGICAL", "OPTS"), help=argparse.SUPPRESS
     )
@@ -342,10 +405,29 @@ def main() -> None:
         family, kind, variant, logical, opts = args.worker
         o = json.loads(opts)
         res = worker(
-            family, kind, variant, int(logical), Shape(**o["shape"]), o["warmup"], o["steps"], o["flops"]
+            family,
+            kind,
+            variant,
+            int(logical),
+            Shape(**o["shape"]),
+            o["warmup"],
+            o["steps"],
+            o["flops"],
+            o.get("place"),
         )
         print(json.dumps(res))
         return
+    place = {
+        "device": args.device,
+        "frozen_dtype": args.frozen_dtype,
+        "gradient_checkpointing": args.gradient_checkpointing,
+    }
+    if args.compare_tree and place != {
+        "device": "cpu",
+        "frozen_dtype": "fp32",
+        "gradient_checkpointing": False,
+    }:
+        raise SystemExit("--compare-tree compares CPU fp32 runs (older trees have no placement)")
 
     shape = QUICK if args.quick else FULL
     batches = args.batches
@@ -356,7 +438,9 @@ def main() -> None:
     steps_small = args.steps if args.steps is not None else (2 if args.quick else 3)
     print(
         f"shape: {asdict(shape)}; physical batch {shape.physical}; batches {batches}; "
-        f"threads {os.environ.get('BENCH_THREADS', '1')}",
+        f"threads {os.environ.get('BENCH_THREADS', '1')}; device {args.device}, frozen {args.frozen_dtype}"
+        + (", gradient checkpointing" if args.gradient_checkpointing else "")
+        + (f"; compared with {args.compare_tree}" if args.compare_tree else ""),
         flush=True,
     )
 
@@ -377,14 +461,23 @@ def main() -> None:
             rot = n % len(order)
             order = order[rot:] + order[:rot]
             n += 1
-            for v in order:
+            trees = [None, args.compare_tree] if args.compare_tree else [None]
+            runs = [(v, tree) for v in order for tree in (trees if n % 2 else trees[::-1])]
+            for v, tree in runs:
                 steps = steps_small if b <= shape.physical else args.steps_large
-                opts = {"shape": asdict(shape), "warmup": 1, "steps": steps, "flops": v == "plain" and r == 0}
-                res = run_one([f, k, v, str(b), json.dumps(opts)])
-                results.setdefault((f, k, v, b), []).append(res)
+                opts = {
+                    "shape": asdict(shape),
+                    "warmup": 1,
+                    "steps": steps,
+                    "flops": v == "plain" and r == 0 and tree is None,
+                    "place": place,
+                }
+                res = run_one([f, k, v, str(b), json.dumps(opts)], tree)
+                label = v if tree is None else f"{v}@other"
+                results.setdefault((f, k, label, b), []).append(res)
                 t = statistics.median(res["times"]) if "times" in res else None
                 print(
-                    f"  [{time.time() - t_start:6.0f}s] {f:5} {k:6} {v:6} B={b:<4} "
+                    f"  [{time.time() - t_start:6.0f}s] {f:5} {k:6} {label:6} B={b:<4} "
                     + (f"{t:.2f}s/step, +{res['growth_mib']:.0f} MiB" if t else res.get("error", "?")),
                     flush=True,
                 )
@@ -444,7 +537,31 @@ def main() -> None:
         print(f" | {fmt_ratio(floor)} | {ot} | {om} | {ht} | {hm} |")
     if {"ours", "ours-inline"} <= set(args.variants):
         print_noise_table(agg, batches, args.families, args.kinds)
+    if args.compare_tree:
+        print_comparison(agg, batches, args.families, args.kinds, args.variants, args.compare_tree)
     print(f"\ntotal {time.time() - t_start:.0f}s")
+
+
+def print_comparison(agg, batches, families, kinds, variants, tree) -> None:
+    """This tree's median step time (and CPU time) over the other tree's, cell by cell."""
+    print(f"\nthis tree / {tree} (median s/step, runs interleaved in one process tree):\n")
+    print("| family | adapter | B | variant | this s/step | other s/step | time ratio | CPU-time ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    ratios = []
+    for f, k, b in [(f, k, b) for b in batches for f in families for k in kinds]:
+        for v in variants:
+            ours, _ = agg(f, k, v, b)
+            other, _ = agg(f, k, f"{v}@other", b)
+            if ours is None or other is None:
+                print(f"| {f} | {k} | {b} | {v} | - | - | - | - |")
+                continue
+            ratios.append(ours["t"] / other["t"])
+            print(
+                f"| {f} | {k} | {b} | {v} | {ours['t']:.3f} | {other['t']:.3f} | {ours['t'] / other['t']:.3f}× "
+                f"| {ours['cpu'] / other['cpu']:.3f}× |"
+            )
+    if ratios:
+        print(f"\nmedian time ratio over the cells: {statistics.median(ratios):.3f}× ({len(ratios)} cells)")
 
 
 def print_noise_table(agg, batches, families, kinds) -> None:

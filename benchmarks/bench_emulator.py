@@ -2,6 +2,7 @@
 
     python benchmarks/bench_emulator.py            # 24-block LLaMA, width 256, 2-8-2 emulator
     python benchmarks/bench_emulator.py --quick    # small smoke run (< 1 minute)
+    python benchmarks/bench_emulator.py --device cuda --frozen-dtype bf16   # the same table on a GPU
 
 Three configurations are trained on the same random-init LLaMA-architecture model
 (built from a ``LlamaConfig``, nothing downloaded):
@@ -26,6 +27,12 @@ FLOPs per step are counted with ``torch.utils.flop_counter.FlopCounterMode`` (ma
 forward and backward, LM head and attention included). PyTorch's counter has no formula
 for the CPU SDPA kernel, so the model uses ``attn_implementation="eager"`` for both the
 count and the timing. The count is cross-checked against a closed-form count.
+
+``--device`` (``cpu`` by default; ``cuda``, ``cuda:N``, ``mps``, ``auto``), ``--frozen-dtype`` and
+``--gradient-checkpointing`` place each model with ``offsite.device.Placement`` as the commands do
+(full fine-tuning trains every part, so it stays fp32 and nothing is checkpointed). On a GPU, step times
+wait for the device (``synchronize``) and memory is the caching allocator's: weights are what is
+allocated after the model is placed, the peak is ``max_memory_allocated`` (reset after placing).
 """
 
 from __future__ import annotations
@@ -70,20 +77,38 @@ QUICK_SHAPE = Shape(
 
 
 # --------------------------------------------------------------------------- worker
-def worker(config: str, shape: Shape, warmup: int, steps: int, count_flops: bool) -> dict:
+def worker(
+    config: str, shape: Shape, warmup: int, steps: int, count_flops: bool, place: dict | None = None
+) -> dict:
     import torch
 
     torch.set_num_threads(2)
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from offsite import device as placement_module
     from offsite.data import Example, collate
     from offsite.models.adapters import BLOCKS, LORA, AdapterSpec, AdapterView, positions_from_layer_map
     from offsite.models.emulator import build_emulator, emulator_layer_map
     from offsite.training.losses import per_sample_loss
 
+    place = place or {}
+    placement = placement_module.Placement.resolve(
+        place.get("device", "cpu"),
+        place.get("frozen_dtype", "fp32"),
+        place.get("gradient_checkpointing", False),
+    )
+    on_gpu = placement.device.type in ("cuda", "mps")
+
+    def used_kib() -> int:  # what the run holds: device allocations on a GPU, resident memory on the CPU
+        if placement.device.type == "cuda":
+            return torch.cuda.memory_allocated(placement.device) // 1024
+        if placement.device.type == "mps":
+            return torch.mps.current_allocated_memory() // 1024
+        return rss_kib()
+
     trim()
-    rss_before_model = rss_kib()
+    rss_before_model = used_kib()
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
@@ -114,6 +139,8 @@ def worker(config: str, shape: Shape, warmup: int, steps: int, count_flops: bool
             )
         AdapterView(model, spec, positions_from_layer_map(layer_map)).attach()
     assert model.config._attn_implementation == "eager", model.config._attn_implementation
+    if placement != placement_module.Placement():
+        placement.place(model)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
@@ -123,7 +150,8 @@ def worker(config: str, shape: Shape, warmup: int, steps: int, count_flops: bool
         Example(input_ids=ids, labels=list(ids))
         for ids in torch.randint(0, shape.vocab, (shape.batch, shape.seq), generator=g).tolist()
     ]
-    batch = collate(examples, pad_id=0)
+    batch = placement_module.inputs_for(model, collate(examples, pad_id=0))
+    where = placement.device
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -132,20 +160,29 @@ def worker(config: str, shape: Shape, warmup: int, steps: int, count_flops: bool
         optimizer.step()
 
     trim()
-    rss_after_model = rss_kib()
-    hwm_reset = reset_peak()
+    rss_after_model = used_kib()
+    if placement.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(where)
+    hwm_reset = reset_peak() if not on_gpu else True
     maxrss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
     for _ in range(warmup):
         step()
     times, cpu_times = [], []
     for _ in range(steps):
+        placement_module.synchronize(where)
         t0, c0 = time.perf_counter(), time.process_time()
         step()
+        placement_module.synchronize(where)  # a step ends when the device is done
         times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - c0)
 
-    peak = peak_kib() if hwm_reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if placement.device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(where) // 1024
+    elif placement.device.type == "mps":  # MPS keeps no peak: what the driver holds after the steps
+        peak = torch.mps.driver_allocated_memory() // 1024
+    else:
+        peak = peak_kib() if hwm_reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     flops = None
     if count_flops:
         with FlopCounterMode(display=False) as counter:
@@ -165,6 +202,7 @@ def worker(config: str, shape: Shape, warmup: int, steps: int, count_flops: bool
         "params": sum(p.numel() for p in model.parameters()),
         "trainable": sum(p.numel() for p in trainable),
         "layer_map": layer_map,
+        "device": str(where),
     }
 
 
@@ -210,7 +248,9 @@ def expected_flops(shape: Shape, config: str) -> int:
 
 
 # --------------------------------------------------------------------------- parent
-def run_worker(config: str, shape: Shape, warmup: int, steps: int, count_flops: bool) -> dict:
+def run_worker(
+    config: str, shape: Shape, warmup: int, steps: int, count_flops: bool, place: dict | None = None
+) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="2", MKL_NUM_THREADS="2", TOKENIZERS_PARALLELISM="false")
     cmd = [
         sys.executable,
@@ -226,6 +266,8 @@ def run_worker(config: str, shape: Shape, warmup: int, steps: int, count_flops: 
     ]
     if count_flops:
         cmd.append("--count-flops")
+    if place:
+        cmd += ["--place", json.dumps(place)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         sys.stderr.write(out.stderr)
@@ -246,12 +288,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
     ap.add_argument("--shape", help=argparse.SUPPRESS)
     ap.add_argument("--count-flops", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--place", help=argparse.SUPPRESS)
+    ap.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, mps or auto")
+    ap.add_argument(
+        "--frozen-dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="the emulator's frozen parts"
+    )
+    ap.add_argument("--gradient-checkpointing", action="store_true", help="recompute the frozen middle")
     args = ap.parse_args(argv)
 
     if args.worker:
         shape = Shape(**json.loads(args.shape))
-        print(json.dumps(worker(args.worker, shape, args.warmup, args.steps, args.count_flops)))
+        place = json.loads(args.place) if args.place else None
+        print(json.dumps(worker(args.worker, shape, args.warmup, args.steps, args.count_flops, place)))
         return 0
+    place = {
+        "device": args.device,
+        "frozen_dtype": args.frozen_dtype,
+        "gradient_checkpointing": args.gradient_checkpointing,
+    }
 
     shape = QUICK_SHAPE if args.quick else FULL_SHAPE
     rounds = args.rounds or (1 if args.quick else 3)
@@ -262,7 +316,9 @@ def main(argv: list[str] | None = None) -> int:
         f"LLaMA {shape.layers} blocks, width {shape.hidden}, {shape.heads} heads, intermediate "
         f"{shape.intermediate}, vocab {shape.vocab}; batch {shape.batch} x seq {shape.seq}; emulator "
         f"{shape.bottom}-{shape.keep}-{shape.top} (keep {shape.keep} of {middle} middle blocks); eager attention; "
-        f"{rounds} round(s) x ({warmup} warm-up + {steps} timed) steps per config; 2 threads",
+        f"{rounds} round(s) x ({warmup} warm-up + {steps} timed) steps per config; 2 threads; "
+        f"device {args.device}, frozen {args.frozen_dtype}"
+        + (", gradient checkpointing" if args.gradient_checkpointing else ""),
         flush=True,
     )
 
@@ -271,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     for rnd in range(rounds):
         order = CONFIGS[rnd % len(CONFIGS) :] + CONFIGS[: rnd % len(CONFIGS)]
         for config in order:
-            res = run_worker(config, shape, warmup, steps, count_flops=(rnd == 0))
+            res = run_worker(config, shape, warmup, steps, count_flops=(rnd == 0), place=place)
             results[config].append(res)
             print(
                 f"  round {rnd + 1} {config:<10} median {statistics.median(res['times']) * 1e3:8.1f} ms/step, "
@@ -322,6 +378,10 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{config:<10} counted {row['flops']:,} FLOPs vs closed form {row['expected']:,} ({dev:+.2f}%); "
             f"per-round median ms/step: {medians}; median CPU ms/step {row['cpu'] * 1e3:.0f}"
+        )
+    if args.gradient_checkpointing:
+        print(
+            "(gradient checkpointing: the counts include the frozen middle's recomputed forward; the closed form does not)"
         )
     print(
         f"load average at end (1/5/15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs"

@@ -49,3 +49,37 @@ def trim() -> None:
     gc.collect()
     with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+class DeviceMemory:
+    """Training-time memory growth on a device: host RSS (``VmHWM`` minus the RSS at ``start``) on
+    the CPU, the caching allocator's peak minus what was allocated at ``start`` on CUDA/MPS."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.hwm_reset = False
+        self._before = 0
+
+    def start(self) -> None:
+        import torch
+
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._before = torch.cuda.memory_allocated()
+        elif self.device == "mps":
+            self._before = torch.mps.current_allocated_memory()
+        else:
+            trim()
+            self._before = rss_kib() * 1024
+            self.hwm_reset = reset_peak()
+
+    def growth_mib(self) -> float:
+        import torch
+
+        if self.device.startswith("cuda"):
+            return (torch.cuda.max_memory_allocated() - self._before) / 2**20
+        if self.device == "mps":  # MPS keeps no peak: the allocation after the steps
+            return (torch.mps.driver_allocated_memory() - self._before) / 2**20
+        peak = peak_kib() if self.hwm_reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return (peak * 1024 - self._before) / 2**20

@@ -37,7 +37,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from offsite import device
 from offsite.data import CLS, Example, Record, collate, make_examples, max_positions, read_records
+from offsite.device import to_cpu
 from offsite.errors import DataError, FormatError, OffsiteError
 from offsite.formats.bundle import Bundle
 from offsite.models.registry import Task
@@ -337,7 +339,7 @@ def losses(
     """Each example's own loss (the training loss), in order."""
     model.eval()
     out = [
-        per_sample_loss(model, collate(examples[i : i + batch], pad_id), shift).double().numpy()
+        to_cpu(per_sample_loss(model, collate(examples[i : i + batch], pad_id), shift), torch.float64).numpy()
         for i in range(0, len(examples), batch)
     ]
     return np.concatenate(out)
@@ -448,7 +450,9 @@ def run_canary_audit(
     seed = secrets.randbits(63) if opts.seed is None else opts.seed
     torch.manual_seed(seed % 2**32)  # dropout, if the model has any
     with Bundle.open(bundle_dir) as bundle:
-        model, view = bundle.load_emulator(torch.float32)
+        # On the current placement's device (--device), as client train runs: adapter float32, frozen
+        # parts in the frozen dtype.
+        model, view = bundle.load_emulator(placement=device.current())
         tokenizer = bundle.load_tokenizer()
     kind = data_kind(bundle.task)
     num_labels = bundle.num_labels if kind == CLS else None

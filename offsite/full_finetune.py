@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from offsite import device
 from offsite.data import make_examples, max_positions, read_records
 from offsite.fileio import canonical_json, claim_output, write_bytes_atomic
 from offsite.models.loading import load_config, load_model, load_tokenizer, task_from_config
@@ -63,7 +64,13 @@ def _train_full(
 ):
     task = task_from_config(load_config(model_dir), num_labels)
     torch.manual_seed(cfg.seed)
-    model = load_model(model_dir, task=task, dtype=torch.float32, num_labels=num_labels)
+    # Every parameter trains, so everything stays float32, on the current placement's device.
+    placement = device.current()
+    model = load_model(
+        model_dir, task=task, num_labels=num_labels, **placement.load_kwargs(stored=torch.float32)
+    )
+    model.requires_grad_(True)
+    placement.place(model)
     tokenizer = load_tokenizer(model_dir)
     records = read_records(data, data_kind(task))
     limit = min(max_length or max_positions(model.config), max_positions(model.config))

@@ -1,4 +1,9 @@
-"""The model owner's last step: verified adapter -> merged full model."""
+"""The model owner's last step: verified adapter -> merged full model.
+
+The merged model is written from the checkpoint's files one tensor at a time
+(``offsite.models.plugin.write_merged``): the full model is never loaded, so a checkpoint larger
+than memory can be plugged into.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +15,16 @@ from pathlib import Path
 from offsite.errors import FormatError, MismatchError
 from offsite.fileio import canonical_json, claim_output, read_bounded, write_bytes_atomic
 from offsite.formats.adapter import read_adapter, read_adapter_meta
+from offsite.formats.checkpoint_files import CheckpointFiles
 from offsite.formats.issued import manifest_from_bytes
 from offsite.formats.manifest import MANIFEST
+from offsite.formats.safetensors_writer import DEFAULT_SHARD_BYTES
 from offsite.formats.schema import MAX_METADATA_BYTES
 from offsite.models.adapters import LORA
-from offsite.models.loading import load_model, load_tokenizer, model_fingerprint
-from offsite.models.plugin import export_peft, merge, plug_in
+from offsite.models.loading import load_config, load_dtype, load_tokenizer, model_fingerprint
+from offsite.models.plugin import write_merged, write_peft
 from offsite.models.registry import Task
+from offsite.models.streaming import add_legacy_names, skeleton
 
 PLUG_FILE = "offsite_plug.json"  # beside the merged model: which adapter went in, and its settings
 
@@ -51,6 +59,7 @@ def plug(
     adapter_dir: str | os.PathLike,
     out: str | os.PathLike,
     manifests: ManifestSource,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> PlugResult:
     """Check ``adapter_dir`` against the bundle it claims and ``model_dir``, then write the merged model.
 
@@ -78,14 +87,17 @@ def plug(
         )
         spec = manifest.adapter.spec
         task = Task(manifest.source.task)
-        model = load_model(model_dir, task=task, dtype="auto", num_labels=manifest.source.num_labels)
-        view = plug_in(model, spec, adapter.tensors)
+        num_labels = manifest.source.num_labels
+        source = CheckpointFiles(model_dir)
+        add_legacy_names(source)
+        config = load_config(model_dir, num_labels)
+        # The full model's skeleton (no memory) in the dtype from_pretrained(dtype="auto") loads.
+        model = skeleton(config, task, load_dtype(config, source.floating_dtype()))
         peft_dir = None
         if spec.kind == LORA:
-            export_peft(view, claim.stage / "peft", task)
+            write_peft(model, spec, adapter.tensors, claim.stage / "peft", task)
             peft_dir = claim.path / "peft"
-        merge(model)
-        model.save_pretrained(claim.stage, safe_serialization=True)
+        write_merged(model, source, spec, adapter.tensors, claim.stage, max_shard_bytes)
         load_tokenizer(model_dir).save_pretrained(claim.stage)
         write_bytes_atomic(
             claim.stage / PLUG_FILE,

@@ -1,40 +1,48 @@
-"""The model owner's first step: model -> bundle (emulator + initial adapter + tokenizer)."""
+"""The model owner's first step: model -> bundle (emulator + initial adapter + tokenizer).
+
+The full model is never loaded to make a bundle: the emulator and the initial adapter are written
+from the checkpoint's files one tensor at a time (``offsite.models.emulator.write_emulator``), so a
+checkpoint larger than memory can be prepared. Only distillation loads models: the emulator (the
+student) and the full model (the teacher, forward passes only), on the current placement's device
+(``offsite.device``), the teacher optionally spread over device, CPU and disk by accelerate.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from offsite import device
 from offsite.data import LM, MLM, Example, make_examples, max_positions, read_records
 from offsite.errors import OffsiteError
 from offsite.evaluation.metrics import token_perplexity
-from offsite.fileio import SAFETENSORS_DTYPES, claim_output
+from offsite.fileio import claim_output
 from offsite.formats.bundle import write_bundle
-from offsite.models.adapters import (
-    BLOCKS,
-    LORA,
-    AdapterSpec,
-    AdapterView,
-    adapter_layers,
-    positions_from_layer_map,
-)
-from offsite.models.emulator import build_emulator, emulator_layer_map
+from offsite.formats.checkpoint_files import CheckpointFiles
+from offsite.formats.manifest import EMULATOR_DIR
+from offsite.formats.safetensors_writer import DEFAULT_SHARD_BYTES
+from offsite.models.adapters import BLOCKS, LORA, AdapterSpec, adapter_layers, initial_adapter
+from offsite.models.emulator import EmulatorPlan, emulator_layer_map, plan_emulator, write_emulator
 from offsite.models.loading import (
     dtype_name,
     load_config,
+    load_dtype,
     load_model,
     load_tokenizer,
     model_fingerprint,
-    parse_dtype,
     task_from_config,
 )
-from offsite.models.registry import Task, architecture_for, num_layers
+from offsite.models.registry import Task, architecture_for, blocks_path, get_blocks, num_layers
+from offsite.models.streaming import add_legacy_names
 from offsite.training.distill import DistillConfig, Distiller
+
+TEACHER_DEVICE_MAPS = ("device", "auto")
 
 
 @dataclass
@@ -49,6 +57,12 @@ class PrepareOptions:
     distill_data: Path | None = None
     distill: DistillConfig | None = None
     distill_checkpoint: Path | None = None
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES
+    """The emulator is written in shards of at most this many bytes (``model.safetensors.index.json``)."""
+    teacher_device_map: str = "device"
+    """``device``: the teacher on the placement's device; ``auto``: accelerate spreads it over the
+    device, CPU memory and disk (``teacher_max_memory`` bounds each)."""
+    teacher_max_memory: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -72,24 +86,31 @@ def _distill_examples(path: Path, tokenizer, config, task: Task) -> tuple[list[E
 
 
 def _distill(
-    model,
-    emulator,
-    layer_map: list[int],
+    model_dir: Path,
+    emulator_dir: Path,
+    plan: EmulatorPlan,
     tokenizer,
     config,
     task: Task,
     opts: PrepareOptions,
     on_step: Callable[[int, float], None] | None,
     fingerprint: str,
-) -> dict:
-    """Distil the emulator's kept middle blocks in place; return what the manifest records."""
+    scratch: Path,
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Distil the emulator's kept middle blocks; return what the manifest records and the trained
+    tensors (CPU, in the emulator's dtype) by emulator name."""
     cfg = opts.distill or DistillConfig()
     train_ex, held_ex = _distill_examples(opts.distill_data, tokenizer, config, task)
     shift, pad = task is Task.CAUSAL_LM, tokenizer.pad_token_id
+    placement = device.current()
+    # Distillation trains in float32; the student comes from the emulator just written.
+    student = load_model(emulator_dir, task=task, **placement.load_kwargs(stored=torch.float32))
+    teacher = _load_teacher(model_dir, task, opts, placement, scratch)
+    torch.manual_seed(opts.seed)  # dropout, if the family has any
     distiller = Distiller(
-        model,
-        emulator,
-        layer_map,
+        teacher,
+        student,
+        plan.layer_map,
         opts.adapter_bottom,
         opts.adapter_top,
         cfg,
@@ -97,12 +118,13 @@ def _distill(
         shift=shift,
         use_lm=task is Task.CAUSAL_LM,
     )
+    placement.place(student)  # after the distiller chose what trains: frozen parts take the frozen dtype
     eval_set = held_ex or train_ex[:64]
-    kd_before, ppl_before = distiller.mean_kd(eval_set), token_perplexity(emulator, eval_set, pad, shift)
+    kd_before, ppl_before = distiller.mean_kd(eval_set), token_perplexity(student, eval_set, pad, shift)
     final_kd = distiller.train(
         train_ex, on_step=on_step, checkpoint=opts.distill_checkpoint, teacher_fingerprint=fingerprint
     )
-    return {
+    record = {
         "steps": cfg.steps,
         "lr": cfg.lr,
         "batch_size": cfg.batch_size,
@@ -112,11 +134,29 @@ def _distill(
         "held_out_records": len(eval_set),
         "held_out_kd": {"before": kd_before, "after": distiller.mean_kd(eval_set)},
         "held_out_perplexity": {
-            "full": token_perplexity(model, eval_set, pad, shift),
+            "full": token_perplexity(teacher, eval_set, pad, shift),
             "emulator_before": ppl_before,
-            "emulator_after": token_perplexity(emulator, eval_set, pad, shift),
+            "emulator_after": token_perplexity(student, eval_set, pad, shift),
         },
     }
+    # Only the kept middle blocks changed; everything else is written from the checkpoint again.
+    blocks, path = get_blocks(student), blocks_path(student)
+    trained = {
+        f"{path}.{pos}.{name}": device.to_cpu(p.detach(), plan.dtype)
+        for pos in range(opts.adapter_bottom, len(plan.layer_map) - opts.adapter_top)
+        for name, p in blocks[pos].named_parameters()
+    }
+    return record, trained
+
+
+def _load_teacher(model_dir: Path, task: Task, opts: PrepareOptions, placement, scratch: Path):
+    """The full model for its forward passes: on the device, or spread by accelerate over the
+    device, CPU memory and disk (``teacher_device_map="auto"``)."""
+    if opts.teacher_device_map == "auto":
+        kwargs = placement.dispatch_kwargs(opts.teacher_max_memory, scratch / "teacher-offload")
+        return load_model(model_dir, task=task, num_labels=opts.num_labels, **kwargs)
+    teacher = load_model(model_dir, task=task, num_labels=opts.num_labels, **placement.load_kwargs())
+    return placement.place(teacher)
 
 
 def prepare(
@@ -146,32 +186,45 @@ def prepare(
             lora_alpha=(opts.lora_alpha or 2 * opts.lora_rank) if opts.lora_rank else None,
             trains_head=task is Task.SEQ_CLS,
         )
-        torch.manual_seed(opts.seed)  # a new classification head and LoRA matrices are drawn here
-        # Files keep the checkpoint's dtype; distillation runs in fp32.
-        distilling = opts.distill_data is not None
-        model = load_model(
-            model_dir, task=task, dtype=torch.float32 if distilling else "auto", num_labels=opts.num_labels
-        )
-        stored_dtype = stored_dtype_of(model_dir)
+        source = CheckpointFiles(model_dir)
+        add_legacy_names(source)
+        stored_dtype = source.floating_dtype()
+        # The model's config as from_pretrained(num_labels=...) would make it: the emulator's is a subset.
+        model_config = load_config(model_dir, opts.num_labels) if opts.num_labels is not None else config
+        dtype = load_dtype(model_config, stored_dtype)  # what dtype="auto" loads: files keep it
         tokenizer = load_tokenizer(model_dir)
-        emulator = build_emulator(model, layer_map)
         fingerprint = model_fingerprint(model_dir)
+        # A new classification head is drawn from the seed here.
+        plan = plan_emulator(source, model_config, task, layer_map, dtype, opts.seed)
+        emulator_dir = claim.stage / EMULATOR_DIR
+        write_emulator(plan, emulator_dir, opts.max_shard_bytes)
 
         distillation = None
-        if distilling:
-            distillation = _distill(
-                model, emulator, layer_map, tokenizer, config, task, opts, on_distill_step, fingerprint
-            )
-            emulator.to(stored_dtype)
+        if opts.distill_data is not None:
+            scratch = claim.stage / ".distill-scratch"
+            try:
+                distillation, trained = _distill(
+                    model_dir,
+                    emulator_dir,
+                    plan,
+                    tokenizer,
+                    config,
+                    task,
+                    opts,
+                    on_distill_step,
+                    fingerprint,
+                    scratch,
+                )
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+            shutil.rmtree(emulator_dir)
+            write_emulator(plan, emulator_dir, opts.max_shard_bytes, replace=trained)
 
-        view = AdapterView(emulator, spec, positions_from_layer_map(layer_map))
-        view.attach()
-        emulator.requires_grad_(False)
-        source = {
+        source_record = {
             "fingerprint": fingerprint,
             "family": arch.family,
             "model_type": config.model_type,
-            "model_class": type(model).__name__,
+            "model_class": type(plan.model).__name__,
             "task": task.value,
             "num_labels": opts.num_labels,
             "total_layers": total,
@@ -181,11 +234,11 @@ def prepare(
         }
         bundle_id = write_bundle(
             claim.stage,
-            emulator=emulator,
             tokenizer=tokenizer,
-            view=view,
+            spec=spec,
+            initial=initial_adapter(plan, spec, opts.seed),  # LoRA matrices are drawn from the seed here
             layer_map=layer_map,
-            source=source,
+            source=source_record,
             distillation=distillation,
         )
     return PrepareResult(bundle_id, layer_map, distillation)
@@ -205,16 +258,14 @@ def _check_options(opts: PrepareOptions) -> None:
             raise OffsiteError("--distill-steps and --distill-batch-size must be at least 1")
         if not (0 < cfg.lr < float("inf")):
             raise OffsiteError("--distill-lr must be a positive number")
+    if not isinstance(opts.max_shard_bytes, int) or opts.max_shard_bytes < 1:
+        raise OffsiteError("--max-shard-size must be positive")
+    if opts.teacher_device_map not in TEACHER_DEVICE_MAPS:
+        raise OffsiteError(f"--teacher-device-map must be one of {', '.join(TEACHER_DEVICE_MAPS)}")
+    if opts.teacher_max_memory and opts.teacher_device_map != "auto":
+        raise OffsiteError("--teacher-max-memory needs --teacher-device-map auto")
 
 
 def stored_dtype_of(model_dir: Path) -> torch.dtype:
-    """The dtype the checkpoint stores (what ``dtype="auto"`` loads), from a safetensors header."""
-    from safetensors import safe_open
-
-    for f in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as st:
-            for name in st.keys():  # noqa: SIM118 - safe_open has no __iter__
-                dtype = parse_dtype(SAFETENSORS_DTYPES[st.get_slice(name).get_dtype()])
-                if dtype.is_floating_point:  # integer buffers say nothing about the weights
-                    return dtype
-    return torch.float32
+    """The dtype the checkpoint's weights are stored in, from its safetensors headers."""
+    return CheckpointFiles(model_dir).floating_dtype()

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from offsite import crypto
+from offsite import crypto, device
 from offsite.data import CLS, LM, MLM, Example, Record, make_examples, max_positions, read_records
 from offsite.errors import DataError, FormatError, OffsiteError
 from offsite.fileio import OutputClaim, claim_output, exclusive_lock
@@ -206,7 +206,8 @@ class TuneInputs:
 
 def load_for_tuning(bundle_dir: str | os.PathLike, data: str | os.PathLike, opts: TuneOptions) -> TuneInputs:
     bundle = Bundle.open(bundle_dir, owner_key=opts.bundle_owner_key)
-    model, view = bundle.load_emulator(torch.float32)
+    # On the current placement's device; the adapter in float32, frozen parts in its frozen dtype.
+    model, view = bundle.load_emulator(placement=device.current())
     tokenizer = bundle.load_tokenizer()
     kind = data_kind(bundle.task)
     num_labels = bundle.manifest["source"].get("num_labels")

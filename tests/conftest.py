@@ -42,3 +42,13 @@ def made(tmp_path_factory):
     from hostile import build_bundle_and_adapter
 
     return build_bundle_and_adapter(tmp_path_factory.mktemp("made"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` run only where there is a CUDA device; elsewhere they are skipped."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -357,3 +357,36 @@ def test_help_explains_the_command(capsys):
     for flag in ("--receipt", "--noise-multiplier", "--sample-rate", "--steps", "--max-grad-norm", "--delta"):
         assert flag in out
     assert "--no-dp" in out and "95% confidence" in out and "(default 1000)" in out
+
+
+def test_the_audit_trains_where_the_command_places_it(bundle, capsys, monkeypatch):
+    """--device / --frozen-dtype / --gradient-checkpointing reach the audit's training as they reach
+    client train's: the emulator's frozen parts in bf16 with the middle checkpointed, the adapter fp32."""
+    import torch
+
+    from offsite import canary_audit
+
+    seen = {}
+    real = canary_audit.train_dp
+
+    def spy(model, *args, **kwargs):
+        seen["model"] = model
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(canary_audit, "train_dp", spy)
+    code, report = _audit(
+        capsys,
+        bundle,
+        "--no-dp",
+        *["--sample-rate", 0.25, "--steps", 2, "--delta", DELTA, "--canaries", 32],
+        *["--device", "cpu", "--frozen-dtype", "bf16", "--gradient-checkpointing"],
+    )
+    assert code == 0 and report["verdict"] == "no-dp"
+    model = seen["model"]
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    frozen = [not any(p.requires_grad for p in b.parameters()) for b in model.model.layers]
+    assert any(frozen) and [b.gradient_checkpointing for b in model.model.layers] == frozen
+    assert {
+        p.dtype for b, f in zip(model.model.layers, frozen, strict=True) if f for p in b.parameters()
+    } == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)

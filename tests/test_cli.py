@@ -90,33 +90,35 @@ def test_whole_flow_from_the_command_line(tmp_path, env):
             public,
             "--distill-steps",
             "4",
+            "--frozen-dtype",
+            "bf16",  # the teacher and the student's frozen parts; the distilled blocks train in fp32
             "--json",
             env=env,
         ).stdout
     )
     assert prep["layer_map"] == [0, 1, 2, 4, 5] and prep["distillation"]["steps"] == 4
 
-    out = json.loads(
-        run(
-            "client",
-            "train",
-            tmp_path / "bundle",
-            "--data",
-            train,
-            "--out",
-            tmp_path / "adapter",
-            "--dataset-id",
-            "clinic-1",
-            "--epsilon",
-            "6",
-            "--epochs",
-            "1",
-            "--batch-size",
-            "16",
-            "--json",
-            env=env,
-        ).stdout
+    trained = run(
+        "client",
+        "train",
+        tmp_path / "bundle",
+        "--data",
+        train,
+        "--out",
+        tmp_path / "adapter",
+        "--dataset-id",
+        "clinic-1",
+        "--epsilon",
+        "6",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--json",
+        env=env,
     )
+    out = json.loads(trained.stdout)
+    assert "chosen by --device auto" in trained.stderr  # and which device it chose
     assert (
         out["epsilon"]["cumulative"]["prv_upper"] <= 6 and out["plan"]["steps"] == 8
     )  # 72 records: bucket 128, q = 16/128, ⌈1 / q⌉ steps
@@ -211,10 +213,24 @@ def test_whole_flow_from_the_command_line(tmp_path, env):
         "--no-dp",
         "--epochs",
         "1",
+        "--device",
+        "cpu",
+        "--frozen-dtype",
+        "bf16",
+        "--gradient-checkpointing",
         env=env,
     )
     assert (
         "DIFFERENTIAL PRIVACY IS OFF" in nodp.stderr and not (tmp_path / "adapter3" / "receipt.json").exists()
+    )
+    placed = " ".join(nodp.stderr.split())
+    assert (
+        "device cpu" in placed and "frozen parts in bfloat16" in placed and "gradient checkpointing" in placed
+    )
+    refused = run("client", "train", tmp_path / "bundle", "--data", train, "--out", tmp_path / "a4", "--no-dp",
+                  "--device", "cpu", "--frozen-dtype", "fp16", env=env, check=False)  # fmt: skip
+    assert (
+        refused.returncode == 2 and "refused on the CPU" in refused.stderr and not (tmp_path / "a4").exists()
     )
 
 

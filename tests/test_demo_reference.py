@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 
+import torch
 from tiny import make_tiny_checkpoint
 
+from offsite import device
 from offsite.demo.reference import ROWS, _read_cached, cache_key, reference_rows
 from offsite.demo.settings import EMULATOR_NODP, FULL_FT, PLUGIN_NODP, Reference
+from offsite.device import Placement
 from offsite.prepare import PrepareOptions, prepare
 
 REFS = {
@@ -66,7 +69,9 @@ def test_reference_rows_are_reused_only_for_identical_inputs(tmp_path):
         cache_key(src, tmp_path / "bundle", other, evals, 0, REFS),
         cache_key(src, tmp_path / "bundle", train, evals, 1, REFS),
     ]
-    assert key not in changed and len(set(changed)) == 3
+    with device.use(Placement(frozen_dtype=torch.bfloat16)):  # another precision (or --device)
+        changed.append(cache_key(src, tmp_path / "bundle", train, evals, 0, REFS))
+    assert key not in changed and len(set(changed)) == 4
 
     # A damaged cache entry is not trusted (it is recomputed).
     (cache / f"{key}.json").write_text("{}")

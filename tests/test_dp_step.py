@@ -12,6 +12,7 @@ import torch
 from tiny import ENCODERS, FAMILIES, WORDS, load_full, make_tiny_checkpoint
 
 from offsite.data import Example, collate
+from offsite.device import Placement, available_devices
 from offsite.models.adapters import AdapterSpec, AdapterView, identity_positions
 from offsite.training.dp import DPPlan, train_dp
 from offsite.training.losses import per_sample_loss
@@ -31,9 +32,17 @@ def _examples(family, tok):
     return out
 
 
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.gpu),
+    pytest.param("mps", marks=pytest.mark.skipif("mps" not in available_devices(), reason="no MPS device")),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["blocks", "lora"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_one_dp_step_applies_exactly_the_clipped_gradient(tmp_path, family, kind):
+def test_one_dp_step_applies_exactly_the_clipped_gradient(tmp_path, family, kind, device):
     from transformers import AutoTokenizer
 
     # The library's own initialisation: the N(0, 0.5) re-draw used elsewhere saturates the encoders'
@@ -57,6 +66,7 @@ def test_one_dp_step_applies_exactly_the_clipped_gradient(tmp_path, family, kind
             for n, p in params.items():
                 if "lora_B" in n:
                     p.normal_(0, 0.1)
+    Placement(torch.device(device)).place(model)  # fp32 on the device; the noise comes from the CPU
     examples = _examples(family, tok)
     shift = not encoder
     frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}

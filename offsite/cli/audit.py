@@ -204,6 +204,9 @@ def register_canaries(cmds: argparse._SubParsersAction) -> None:
         "from the OS",
     )
     p.add_argument("--json", action="store_true", help="print a machine-readable report")
+    from offsite.cli.placement import add_placement_arguments
+
+    add_placement_arguments(p, frozen="the emulator's middle blocks, embeddings and head", checkpointing=True)
     p.set_defaults(func=cmd_audit_canaries)
 
 
@@ -243,6 +246,7 @@ def _canary_settings(args: argparse.Namespace):
 
 def cmd_audit_canaries(args: argparse.Namespace) -> int:
     from offsite.canary_audit import AuditOptions, run_canary_audit
+    from offsite.cli.placement import placement_from
     from offsite.cli.progress import step_bar
     from offsite.errors import FormatError, OffsiteError
 
@@ -262,7 +266,10 @@ def cmd_audit_canaries(args: argparse.Namespace) -> int:
                 err_console.print(
                     "[bold]--no-dp[/bold]: σ = 0, so nothing is private; this run shows what the audit detects"
                 )
-            with step_bar("training with canaries" + ("" if settings.dp else " (NO DP)")) as bar:
+            with (
+                placement_from(args),
+                step_bar("training with canaries" + ("" if settings.dp else " (NO DP)")) as bar,
+            ):
                 result = run_canary_audit(
                     args.bundle, settings, opts, on_total=bar.set_total, on_step=bar, on_warning=warn
                 )

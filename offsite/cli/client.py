@@ -7,6 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from offsite.cli import client_service
+from offsite.cli.placement import add_placement_arguments, placement_from
 from offsite.cli.ui import console, err_console, print_json, table, warn
 
 
@@ -61,6 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--json", action="store_true", help="print the result (plan, ε, paths) as JSON")
     add_dp_arguments(p)
+    add_placement_arguments(p, frozen="the emulator's middle blocks, embeddings and head", checkpointing=True)
     client_service.add_train_server_arguments(p)
     p.set_defaults(func=cmd_train)
     from offsite.cli.keys import register_keys
@@ -258,7 +260,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     def on_eval(epoch: int, loss: float) -> None:
         err_console.print(f"epoch {epoch}: eval loss {loss:.4f}")
 
-    with step_bar("training adapter" + ("" if opts.dp else " (NO DP)")) as bar:
+    with placement_from(args), step_bar("training adapter" + ("" if opts.dp else " (NO DP)")) as bar:
         result = tune(
             args.bundle,
             args.data,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from offsite.cli.placement import add_placement_arguments, placement_from
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -33,6 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="train the non-private reference rows again instead of reusing their cached scores",
     )
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    add_placement_arguments(p)
     p.set_defaults(func=cmd_demo)
 
 
@@ -43,7 +46,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from offsite.formats.signing import UnverifiedBundleWarning
 
     # The demo's bundle is made in this very process and handed over on disk, unsigned: no warning for that.
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), placement_from(args):  # every model of the demo runs on --device
         warnings.simplefilter("ignore", UnverifiedBundleWarning)
         return run_demo(
             quick=args.quick,

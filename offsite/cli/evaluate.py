@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from offsite.cli.placement import add_placement_arguments, placement_from
 from offsite.cli.ui import console, print_json, table
 from offsite.data import KINDS
 
@@ -31,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--merged", type=Path, help="a plugged-in model from `offsite owner plug`")
     p.add_argument("--full-ft", type=Path, help="a fully fine-tuned model (`offsite owner finetune-full`)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    add_placement_arguments(p, frozen="every part: evaluation trains nothing; the adapter stays fp32")
     p.set_defaults(func=cmd_eval)
 
 
@@ -71,7 +73,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     inputs = EvalInputs(
         model=args.model, bundle=args.bundle, adapter=args.adapter, merged=args.merged, full_ft=args.full_ft
     )
-    with console.status("evaluating…"):
+    with placement_from(args), console.status("evaluating…"):
         report = evaluate_settings(args.task, args.kind, inputs)
     if args.json:
         print_json(report.to_json())

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from offsite.cli import owner_service
+from offsite.cli.placement import add_placement_arguments, add_shard_argument, placement_from
 from offsite.cli.progress import step_bar
 from offsite.cli.ui import console, print_json, table
 
@@ -69,6 +70,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     owner_service.add_state_argument(p)
+    add_shard_argument(p)
+    add_placement_arguments(p, frozen="distillation: the teacher and the emulator's frozen parts")
+    p.add_argument(
+        "--teacher-device-map",
+        choices=("device", "auto"),
+        default="device",
+        help="distillation: where the full model (the teacher, forward passes only) is put: all on "
+        "--device (default), or `auto`: accelerate spreads it over the GPUs, CPU memory and disk "
+        "(a scratch directory inside the output), for a model larger than the device",
+    )
+    p.add_argument(
+        "--teacher-max-memory",
+        action="append",
+        default=[],
+        metavar="WHERE=SIZE",
+        help="with --teacher-device-map auto: at most SIZE of the teacher on WHERE (a GPU index or "
+        "`cpu`), e.g. 0=20GiB; repeat it for each place (0=20GiB, then cpu=64GiB); the rest is offloaded "
+        "to disk",
+    )
     p.set_defaults(func=cmd_prepare)
 
     p = cmds.add_parser(
@@ -93,6 +113,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="the bundle directory (default: the owner's record of issued bundles in --state)",
     )
     owner_service.add_state_argument(p)
+    add_shard_argument(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_plug)
 
@@ -122,6 +143,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="encoders: fine-tune for classification with this many labels (new head + pooler)",
     )
+    add_placement_arguments(p)
     p.set_defaults(func=cmd_finetune_full)
     owner_service.register(cmds)
 
@@ -150,11 +172,14 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         distill_data=args.distill_data,
         distill=distill,
         distill_checkpoint=args.distill_checkpoint,
+        max_shard_bytes=args.max_shard_size,
+        teacher_device_map=args.teacher_device_map,
+        teacher_max_memory=_memory_map(args.teacher_max_memory),
     )
     if distill:
-        with step_bar("distilling emulator", distill.steps, "kd") as on_step:
+        with placement_from(args), step_bar("distilling emulator", distill.steps, "kd") as on_step:
             result = prepare(args.model, args.out, opts, on_distill_step=on_step)
-    else:
+    else:  # no model runs: the emulator is written from the checkpoint's files
         result = prepare(args.model, args.out, opts)
     owner_service.record_prepared(args, args.out)
     if args.json:
@@ -194,11 +219,25 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _memory_map(items: list[str]) -> dict[str, str]:
+    from offsite.errors import OffsiteError
+
+    out = {}
+    for item in items:
+        where, sep, size = item.partition("=")
+        if not sep or not where or not size:
+            raise OffsiteError(
+                f"--teacher-max-memory takes WHERE=SIZE (e.g. 0=20GiB or cpu=64GiB), got {item!r}"
+            )
+        out[where] = size
+    return out
+
+
 def cmd_plug(args: argparse.Namespace) -> int:
     from offsite.plug import plug
 
     with owner_service.plug_inputs(args) as (adapter_dir, manifests, on_success):
-        result = plug(args.model, adapter_dir, args.out, manifests)
+        result = plug(args.model, adapter_dir, args.out, manifests, max_shard_bytes=args.max_shard_size)
         on_success()
     if args.json:
         print_json(
@@ -223,7 +262,7 @@ def cmd_finetune_full(args: argparse.Namespace) -> int:
     from offsite.training.finetune import TrainConfig
 
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
-    with step_bar("full fine-tuning") as on_step:
+    with placement_from(args), step_bar("full fine-tuning") as on_step:
         finetune_full(args.model, args.data, args.out, cfg, num_labels=args.num_labels, on_step=on_step)
     console.print(f"[green]fully fine-tuned model written[/green] to {args.out}")
     return 0

@@ -2,8 +2,8 @@
 
 Full fine-tuning, and the adapter trained without DP (scored on the emulator and plugged into the
 full model), are deterministic given their inputs: the model, the bundle (its id pins every file),
-the training and evaluation files, the settings, the seed, the library code and versions, and the
-torch thread count. A warm run reuses their scores from a cache entry keyed by the sha256 of all of
+the training and evaluation files, the settings, the seed, the library code and versions, the
+torch thread count and the placement (device, frozen dtype). A warm run reuses their scores from a cache entry keyed by the sha256 of all of
 these, instead of training the same thing again; anything that changes any input (a code edit
 included) misses the cache and recomputes. The private rows are never cached: DP noise is fresh
 every run.
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from offsite import device
 from offsite.demo.settings import EMULATOR_NODP, FULL_FT, PLUGIN_NODP, REFERENCE, Reference
 from offsite.evaluation.settings import EvalInputs, Row, evaluate_settings
 from offsite.fileio import canonical_json, sha256_bytes, sha256_file, write_bytes_atomic
@@ -42,6 +43,15 @@ def code_digest() -> str:
     return sha256_bytes(canonical_json(table))
 
 
+def _placement() -> dict:
+    p = device.current()
+    return {
+        "device": str(p.device),
+        "frozen_dtype": str(p.frozen_dtype),
+        "gradient_checkpointing": p.gradient_checkpointing,
+    }
+
+
 def cache_key(
     model_dir: Path,
     bundle_dir: Path,
@@ -62,6 +72,8 @@ def cache_key(
             "tokenizers": tokenizers.__version__,
         },
         "torch_threads": torch.get_num_threads(),
+        # Another device or precision computes other floating-point results (--device on the demo).
+        "placement": _placement(),
         "model": model_fingerprint(model_dir),
         "bundle": Bundle.open(bundle_dir).id,
         "train": sha256_file(train_file),

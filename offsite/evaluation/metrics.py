@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from offsite.data import IGNORE, Example, Record, collate, max_positions
+from offsite.device import inputs_for, to_cpu, to_device_of
 from offsite.training.finetune import batches
 
 
@@ -20,9 +21,9 @@ def token_perplexity(
     """exp(total NLL / total loss tokens) over the whole set."""
     nll, count = 0.0, 0
     for chunk in batches(examples, batch_size, None):
-        b = collate(chunk, pad_id)
+        b = inputs_for(model, collate(chunk, pad_id))
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
-        labels = b["labels"]
+        labels = to_device_of(b["labels"], logits)
         if shift:
             logits, labels = logits[:, :-1], labels[:, 1:]
         nll += F.cross_entropy(
@@ -38,9 +39,9 @@ def classification_accuracy(
 ) -> float:
     correct = 0
     for chunk in batches(examples, batch_size, None):
-        b = collate(chunk, pad_id)
+        b = inputs_for(model, collate(chunk, pad_id))
         pred = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.argmax(-1)
-        correct += int((pred == b["labels"]).sum())
+        correct += int((pred == to_device_of(b["labels"], pred)).sum())
     return correct / max(len(examples), 1)
 
 
@@ -74,19 +75,26 @@ def choice_log_likelihoods(
     scores: list[list[float]] = [[] for _ in records]
     for start in range(0, len(shared), batch_size):
         chunk = shared[start : start + batch_size]
-        b = collate([Example(q, [IGNORE] * len(q)) for _, q, _ in chunk], tokenizer.pad_token_id)
+        b = inputs_for(
+            model, collate([Example(q, [IGNORE] * len(q)) for _, q, _ in chunk], tokenizer.pad_token_id)
+        )
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
+        # Indexing on the CPU: the last positions' log-probabilities are few, and come back as lists.
         last = torch.tensor([len(q) - 1 for _, q, _ in chunk])
-        logp = torch.log_softmax(logits[torch.arange(len(chunk)), last], dim=-1)
+        logp = to_cpu(
+            torch.log_softmax(
+                logits[to_device_of(torch.arange(len(chunk)), logits), to_device_of(last, logits)], dim=-1
+            )
+        )
         for row, (i, _, tokens) in enumerate(chunk):
             scores[i] = logp[row, tokens].tolist()
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
         examples = [Example(ids, [IGNORE] * (len(ids) - n) + ids[len(ids) - n :]) for _, ids, n in chunk]
-        b = collate(examples, tokenizer.pad_token_id)
+        b = inputs_for(model, collate(examples, tokenizer.pad_token_id))
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
         logp = torch.log_softmax(logits[:, :-1], dim=-1)
-        labels = b["labels"][:, 1:]
+        labels = to_device_of(b["labels"], logits)[:, 1:]
         mask = labels != IGNORE
         picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         for (i, _, _), s in zip(chunk, (picked * mask).sum(dim=1).tolist(), strict=True):

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from offsite import device
 from offsite.data import (
     CLS,
     LM,
@@ -34,7 +35,7 @@ from offsite.formats.adapter import read_adapter
 from offsite.formats.bundle import Bundle
 from offsite.full_finetune import SETTINGS_FILE as FULL_FT_SETTINGS_FILE
 from offsite.models.adapters import task_of
-from offsite.models.loading import load_model, load_tokenizer
+from offsite.models.loading import load_placed, load_tokenizer
 from offsite.models.registry import Task
 from offsite.plug import PLUG_FILE
 
@@ -144,14 +145,14 @@ def evaluate_settings(task_file: str | os.PathLike, kind: str, inputs: EvalInput
     task = _TASK_FOR_KIND[kind]
 
     def full(path: Path) -> dict[str, float]:
-        model = load_model(path, task=task, dtype=torch.float32)
+        model = load_placed(path, task=task)
         _check_task(model, kind, path)
         return score(model, tokenizer, records, kind)
 
     adapter_settings: dict = {}
 
     def emulator(adapter: Path | None) -> dict[str, float]:
-        model, view = bundle.load_emulator(torch.float32)
+        model, view = bundle.load_emulator(placement=device.current())
         _check_task(model, kind, bundle.path)
         if adapter is not None:
             a = read_adapter(

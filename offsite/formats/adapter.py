@@ -22,6 +22,7 @@ import torch
 from pydantic import Field, model_validator
 from safetensors.torch import save_file
 
+from offsite.device import to_cpu
 from offsite.errors import FormatError, IntegrityError, MismatchError
 from offsite.fileio import read_bounded, sha256_bytes, sha256_file, write_bytes_atomic
 from offsite.formats.safetensors_file import load_tensors, load_tensors_bytes
@@ -114,7 +115,7 @@ def write_adapter(
 ) -> dict:
     """Write the two adapter files into an existing (staging) directory; return the metadata."""
     out_dir = Path(out_dir)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    tensors = {k: to_cpu(v.detach()).contiguous() for k, v in tensors.items()}
     save_file(tensors, str(out_dir / TENSORS_FILE))
     meta = {
         "format": FORMAT,

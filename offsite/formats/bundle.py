@@ -17,15 +17,16 @@ staging directory while hashing it, and everything is later loaded from that cop
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from safetensors.torch import save_file
 from torch import nn
 
 from offsite.errors import FormatError, IntegrityError
-from offsite.fileio import read_bounded, sha256_bytes, sha256_file, write_bytes_atomic
+from offsite.fileio import SAFETENSORS_DTYPES, read_bounded, sha256_bytes, sha256_file, write_bytes_atomic
 from offsite.formats.manifest import (
     EMULATOR_DIR,
     FORMAT,
@@ -37,12 +38,16 @@ from offsite.formats.manifest import (
     parse_manifest,
 )
 from offsite.formats.safetensors_file import load_tensors, read_header
+from offsite.formats.safetensors_writer import TensorOut, write_safetensors
 from offsite.formats.schema import MAX_METADATA_BYTES, dump, validate
 from offsite.formats.signing import MANIFEST_SIGNATURE, check_bundle_signature
-from offsite.formats.spec import AdapterSpec, table_of
+from offsite.formats.spec import AdapterSpec
 from offsite.formats.staging import PrivateStaging, copy_hashing, open_dir, walk_files
 from offsite.models.adapters import AdapterView, positions_from_layer_map
 from offsite.models.registry import Task
+
+if TYPE_CHECKING:
+    from offsite.device import Placement
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "Bundle", "write_bundle"]
 
@@ -62,14 +67,16 @@ def _file_table(root: Path) -> dict[str, str]:
 def write_bundle(
     stage: Path,
     *,
-    emulator: nn.Module,
     tokenizer,
-    view: AdapterView,
+    spec: AdapterSpec,
+    initial: Sequence[TensorOut],
     layer_map: list[int],
     source: dict,
     distillation: dict | None,
 ) -> str:
-    """Write a complete bundle into ``stage`` (a staging directory); return the bundle id.
+    """Complete the bundle in ``stage`` (a staging directory that already holds the emulator in
+    ``EMULATOR_DIR``): the tokenizer, the initial adapter (written one tensor at a time) and the
+    manifest; return the bundle id.
 
     The manifest is validated against the same schema that readers use before it is written, so
     a bundle that its own readers would refuse is never produced.
@@ -78,16 +85,20 @@ def write_bundle(
 
     import offsite
 
-    emulator.save_pretrained(stage / EMULATOR_DIR, safe_serialization=True)
+    if not (stage / EMULATOR_DIR / "config.json").is_file():
+        raise ValueError(f"write the emulator into {stage / EMULATOR_DIR} first")
     tokenizer.save_pretrained(stage / TOKENIZER_DIR)
-    initial = view.state_dict()
-    save_file(initial, str(stage / INITIAL_ADAPTER))
+    write_safetensors(stage / INITIAL_ADAPTER, initial)
+    table = {
+        e.name: {"shape": list(e.shape), "dtype": SAFETENSORS_DTYPES[e.code]}
+        for e in sorted(initial, key=lambda e: e.name)
+    }
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "source": source,
         "emulator": {"layer_map": list(layer_map), "num_layers": len(layer_map)},
-        "adapter": {"spec": view.spec.to_json(), "tensors": table_of(initial)},
+        "adapter": {"spec": spec.to_json(), "tensors": table},
         "distillation": distillation,
         "files": _file_table(stage),
         "created_with": {
@@ -192,13 +203,22 @@ class Bundle:
         return {name: e.model_dump(mode="json") for name, e in self.document.adapter.tensors.items()}
 
     # -- loading (from the private copy only) ----------------------------------
-    def load_emulator(self, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, AdapterView]:
-        """The emulator with the initial adapter attached (LoRA injected, only adapter trainable)."""
+    def load_emulator(
+        self, dtype: torch.dtype = torch.float32, placement: Placement | None = None
+    ) -> tuple[nn.Module, AdapterView]:
+        """The emulator with the initial adapter attached (LoRA injected, only adapter trainable).
+
+        With ``placement`` (``offsite.device``) it is loaded onto the placement's device in the
+        bundle's own dtype (nothing is rounded on the way), the adapter is attached, the model is
+        placed (trainable parts float32, frozen parts in the frozen dtype), and only then is the
+        initial adapter loaded; ``dtype`` is then unused.
+        """
         from offsite.models.loading import load_model
         from offsite.models.registry import get_blocks
 
+        kwargs = {"dtype": dtype} if placement is None else placement.load_kwargs(stored="auto")
         try:
-            model = load_model(self.staged / EMULATOR_DIR, task=self.task, dtype=dtype)
+            model = load_model(self.staged / EMULATOR_DIR, task=self.task, **kwargs)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise FormatError(f"bundle {self.path}: the emulator cannot be loaded ({e})") from None
         if model.config.model_type != self.document.source.model_type:
@@ -213,6 +233,8 @@ class Bundle:
             )
         view = AdapterView(model, self.spec, positions_from_layer_map(self.layer_map))
         view.attach()
+        if placement is not None:
+            placement.place(model)
         initial = load_tensors(
             self.staged / INITIAL_ADAPTER, f"{self.path / INITIAL_ADAPTER}", self.expected_tensors
         )

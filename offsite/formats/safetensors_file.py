@@ -29,7 +29,7 @@ from offsite.formats.spec import check_tensor_table
 
 #: Larger than any real model's header (a few hundred kB) and far below what would hurt to parse.
 MAX_HEADER_BYTES = 16 << 20
-_ITEM_SIZE = {
+ITEM_SIZE = {
     "F64": 8,
     "F32": 4,
     "F16": 2,
@@ -41,13 +41,13 @@ _ITEM_SIZE = {
     "U8": 1,
     "BOOL": 1,
 }
-assert set(_ITEM_SIZE) == set(SAFETENSORS_DTYPES)
+assert set(ITEM_SIZE) == set(SAFETENSORS_DTYPES)
 
 Offset = Annotated[int, Field(ge=0, le=1 << 50)]
 
 
 class HeaderEntry(Schema):
-    dtype: Literal[tuple(_ITEM_SIZE)] = Field(description="safetensors dtype code")
+    dtype: Literal[tuple(ITEM_SIZE)] = Field(description="safetensors dtype code")
     shape: list[Annotated[int, Field(ge=0, le=1 << 40)]] = Field(max_length=16, description="dimensions")
     data_offsets: list[Offset] = Field(
         min_length=2,
@@ -60,7 +60,7 @@ class HeaderEntry(Schema):
         begin, end = self.data_offsets
         if end < begin:
             raise ValueError("data_offsets end before they begin")
-        if end - begin != math.prod(self.shape) * _ITEM_SIZE[self.dtype]:
+        if end - begin != math.prod(self.shape) * ITEM_SIZE[self.dtype]:
             raise ValueError(f"{end - begin} bytes do not hold shape {self.shape} of {self.dtype}")
         return self
 

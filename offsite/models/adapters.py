@@ -14,9 +14,11 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from offsite.device import to_cpu
+from offsite.formats.safetensors_writer import TensorOut, tensor_out
 from offsite.formats.spec import BLOCKS, HEAD_PREFIX, LORA, AdapterSpec
-from offsite.models.lora import LoRALinear, inject_lora
-from offsite.models.registry import Task, architecture_for, base_prefix, get_blocks
+from offsite.models.lora import LoRALinear, initial_lora, inject_lora
+from offsite.models.registry import Task, architecture_for, base_prefix, blocks_path, get_blocks
 
 __all__ = [
     "BLOCKS",
@@ -27,6 +29,7 @@ __all__ = [
     "adapter_layers",
     "head_parameter_names",
     "identity_positions",
+    "initial_adapter",
     "positions_from_layer_map",
     "task_of",
 ]
@@ -99,7 +102,7 @@ class AdapterView:
         return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu().contiguous().clone() for k, v in self.named_parameters().items()}
+        return {k: to_cpu(v.detach()).contiguous().clone() for k, v in self.named_parameters().items()}
 
     def load_state_dict(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Copy ``tensors`` in by name; the set of names must match exactly."""
@@ -126,3 +129,27 @@ def identity_positions(total: int) -> dict[int, int]:
 
 def positions_from_layer_map(layer_map: Sequence[int]) -> dict[int, int]:
     return {orig: pos for pos, orig in enumerate(layer_map)}
+
+
+def initial_adapter(plan, spec: AdapterSpec, seed: int) -> list[TensorOut]:
+    """The adapter a bundle ships (``initial_adapter.safetensors``), from an ``EmulatorPlan``, without
+    the model in memory: whole adapter blocks are the checkpoint's tensors (the emulator's own);
+    LoRA matrices start as PEFT's (A Kaiming-uniform from ``seed``, B zero, so each layer starts as
+    its base); a trained head starts as the emulator's."""
+    model = plan.model
+    blocks = get_blocks(model)
+    positions = positions_from_layer_map(plan.layer_map)
+    path = blocks_path(model)
+    out: list[TensorOut] = []
+    generator = torch.Generator().manual_seed(seed)
+    for layer in spec.layers:
+        block = blocks[positions[layer]]
+        if spec.kind == LORA:
+            lora = initial_lora(block, spec.lora_rank, generator)
+            out += [tensor_out(f"layers.{layer}.{n}", t.to(plan.dtype)) for n, t in lora.items()]
+        else:
+            for name, _ in block.named_parameters():
+                out.append(plan.out(f"{path}.{positions[layer]}.{name}", f"layers.{layer}.{name}"))
+    if spec.trains_head:
+        out += [plan.out(name, HEAD_PREFIX + name) for name in head_parameter_names(model)]
+    return out

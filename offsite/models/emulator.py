@@ -4,17 +4,34 @@ The emulator is a real checkpoint of the same model class with fewer layers, so 
 ``from_pretrained`` loads it and generation with a KV cache works: it is built from a
 config with ``num_hidden_layers`` = bottom + K + top (per-layer config entries subset),
 which also numbers each attention's ``layer_idx`` by its new position.
+
+Two ways to make it, with the same tensors: ``plan_emulator`` + ``write_emulator`` stream it from
+the checkpoint's files tensor by tensor (``offsite owner prepare``: the full model is never in
+memory), and ``build_emulator`` copies it out of a model in memory (the reference the streamed
+one is tested against, and the benchmarks).
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from offsite.errors import OffsiteError
-from offsite.models.registry import architecture_for, blocks_path, check_layout, num_layers
+from offsite.errors import FormatError, OffsiteError
+from offsite.formats.checkpoint_files import CheckpointFiles
+from offsite.formats.safetensors_writer import DEFAULT_SHARD_BYTES, TensorOut, tensor_out, write_weights
+from offsite.models.registry import (
+    Task,
+    architecture_for,
+    base_prefix,
+    blocks_path,
+    check_layout,
+    num_layers,
+    renumber_blocks,
+)
 
 
 def kept_middle_indices(num_middle: int, keep: int) -> list[int]:
@@ -72,19 +89,100 @@ def build_emulator(model: nn.Module, layer_map: list[int]) -> nn.Module:
     config = subset_config(model.config, layer_map)
     dtype = next(model.parameters()).dtype
     emulator = type(model)(config).to(dtype)
-    prefix = blocks_path(model) + "."
+    blocks = blocks_path(model)
     source = model.state_dict()
-    mapped = {}
-    for name in emulator.state_dict():
-        if name.startswith(prefix):
-            pos, _, rest = name[len(prefix) :].partition(".")
-            name_in_source = f"{prefix}{layer_map[int(pos)]}.{rest}"
-        else:
-            name_in_source = name
-        mapped[name] = source[name_in_source]
+    mapped = {name: source[renumber_blocks(name, blocks, layer_map)] for name in emulator.state_dict()}
     with torch.no_grad():
         emulator.load_state_dict(mapped, strict=True)
     if getattr(model.config, "tie_word_embeddings", False):
         emulator.tie_weights()
     emulator.eval()
     return emulator
+
+
+# -- streamed from the checkpoint's files ---------------------------------------------------------
+@dataclass
+class EmulatorPlan:
+    """What the emulator of a checkpoint holds and where each of its tensors comes from."""
+
+    model: nn.Module
+    """The emulator's skeleton (meta device): names, shapes, dtype."""
+    layer_map: list[int]
+    source: CheckpointFiles
+    dtype: torch.dtype
+    new: dict[str, torch.Tensor]
+    """Parameters the checkpoint does not hold (a new classification head), initialised from the seed."""
+
+    def source_name(self, name: str) -> str:
+        """The checkpoint's name for emulator tensor ``name`` (block positions renumbered to layers)."""
+        return self.source.find(
+            renumber_blocks(name, blocks_path(self.model), self.layer_map), base_prefix(self.model)
+        )
+
+    def out(self, name: str, as_name: str | None = None) -> TensorOut:
+        """Emulator tensor ``name``, written as ``as_name`` (default: its own name)."""
+        as_name = as_name or name
+        if name in self.new:
+            return tensor_out(as_name, self.new[name])
+        return self.source.out(self.source_name(name), as_name, self.dtype)
+
+    def entries(self, replace: dict[str, torch.Tensor] | None = None) -> list[TensorOut]:
+        """Every tensor of the emulator in state-dict order; ``replace`` (name -> CPU tensor in the
+        emulator's dtype) overrides some (distilled blocks)."""
+        from offsite.models.streaming import saved_names
+
+        replace = replace or {}
+        return [tensor_out(n, replace[n]) if n in replace else self.out(n) for n in saved_names(self.model)]
+
+
+def plan_emulator(
+    source: CheckpointFiles, config, task: Task, layer_map: list[int], dtype: torch.dtype, seed: int
+) -> EmulatorPlan:
+    """Plan the emulator of ``layer_map``: every tensor found in ``source`` with the shape the model
+    expects; only an encoder's new classification head (and a pooler the checkpoint lacks) may be
+    missing, and is initialised from ``seed``."""
+    from offsite.models.adapters import head_parameter_names
+    from offsite.models.streaming import initialise, saved_names, skeleton
+
+    model = skeleton(subset_config(config, layer_map), task, dtype)
+    check_layout(model)
+    plan = EmulatorPlan(model, list(layer_map), source, dtype, {})
+    state = model.state_dict()
+    missing = []
+    for name in saved_names(model):
+        try:
+            stored = source.tensors[plan.source_name(name)]
+        except FormatError:
+            missing.append(name)
+            continue
+        if stored.shape != tuple(state[name].shape):
+            raise FormatError(
+                f"{source.directory}: tensor {plan.source_name(name)} has shape {list(stored.shape)}, "
+                f"the model's config says {list(state[name].shape)}"
+            )
+    new_allowed = set(head_parameter_names(model)) if task is Task.SEQ_CLS else set()
+    unexpected = [n for n in missing if n not in new_allowed]
+    if unexpected:
+        raise FormatError(f"{source.directory}: the checkpoint lacks {', '.join(unexpected[:3])}")
+    plan.new = initialise(model, missing, seed, dtype)
+    return plan
+
+
+def write_emulator(
+    plan: EmulatorPlan,
+    directory: Path,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    replace: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """The emulator checkpoint in ``directory`` (a new or emptied directory), as ``save_pretrained``
+    lays it out (sharded past ``max_shard_bytes``), one tensor at a time."""
+    from offsite.models.streaming import parameter_count, write_config
+
+    directory.mkdir(parents=True, exist_ok=True)
+    write_config(plan.model, directory)
+    write_weights(
+        directory,
+        plan.entries(replace),
+        max_shard_bytes=max_shard_bytes,
+        total_parameters=parameter_count(plan.model),
+    )

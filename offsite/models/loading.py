@@ -37,8 +37,24 @@ def _check_dir(path: str | os.PathLike) -> Path:
     return path
 
 
-def load_config(path: str | os.PathLike) -> PretrainedConfig:
-    return AutoConfig.from_pretrained(_check_dir(path), local_files_only=True)
+def load_config(path: str | os.PathLike, num_labels: int | None = None) -> PretrainedConfig:
+    """The checkpoint's config; ``num_labels`` as ``from_pretrained(num_labels=...)`` applies it."""
+    kwargs = {} if num_labels is None else {"num_labels": num_labels}
+    return AutoConfig.from_pretrained(_check_dir(path), local_files_only=True, **kwargs)
+
+
+def auto_class(task: Task):
+    """The ``transformers`` Auto class a task's models are loaded with."""
+    return _AUTO[task]
+
+
+def load_dtype(config: PretrainedConfig, stored: torch.dtype) -> torch.dtype:
+    """What ``from_pretrained(dtype="auto")`` loads in: the config's dtype, else ``stored`` (the
+    weights' own)."""
+    dtype = getattr(config, "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else stored
 
 
 def task_from_config(config: PretrainedConfig, num_labels: int | None = None) -> Task:
@@ -58,16 +74,24 @@ def load_model(
     task: Task | None = None,
     dtype: torch.dtype | str = "auto",
     num_labels: int | None = None,
+    *,
+    device_map: str | dict | None = None,
+    **placement: object,
 ) -> nn.Module:
     """Load a local checkpoint with the Auto class of its task.
 
     ``dtype="auto"`` keeps the checkpoint's dtype (used when writing files); training and
-    exactness checks pass ``torch.float32``.
+    exactness checks pass ``torch.float32``. ``device_map`` (from ``offsite.device``: a device, or
+    accelerate's per-module map for a teacher too large for one device) and any further placement
+    arguments (``max_memory``, ``offload_folder``) go to ``from_pretrained``; by default the model is
+    loaded on the CPU.
     """
     path = _check_dir(path)
     config = load_config(path)
     task = task or task_from_config(config, num_labels)
-    kwargs = {}
+    kwargs: dict = dict(placement)
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     if task is Task.SEQ_CLS and num_labels is not None:
         kwargs["num_labels"] = num_labels
     model = _AUTO[task].from_pretrained(
@@ -75,6 +99,17 @@ def load_model(
     )
     model.eval()
     return model
+
+
+def load_placed(
+    path: str | os.PathLike, task: Task | None = None, num_labels: int | None = None
+) -> nn.Module:
+    """A model that only runs forward passes, on the current placement (``offsite.device``): loaded
+    onto its device with every part in its frozen dtype."""
+    from offsite import device
+
+    placement = device.current()
+    return placement.place(load_model(path, task, num_labels=num_labels, **placement.load_kwargs()))
 
 
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:

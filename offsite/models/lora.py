@@ -52,8 +52,7 @@ class LoRALinear(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """The update in the base layer's own weight layout (Conv1D stores (in, out))."""
-        delta = (self.lora_B.weight @ self.lora_A.weight) * self.scaling
-        return delta.T if isinstance(self.base, Conv1D) else delta
+        return lora_delta(self.lora_A.weight, self.lora_B.weight, self.scaling, isinstance(self.base, Conv1D))
 
     def merged(self) -> nn.Module:
         with torch.no_grad():
@@ -74,6 +73,27 @@ def inject_lora(block: nn.Module, rank: int, alpha: float) -> list[str]:
         parent = block.get_submodule(parent_name) if parent_name else block
         setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha))
     return names
+
+
+def initial_lora(block: nn.Module, rank: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Starting LoRA matrices for every linear layer of ``block`` (which may be a meta-device
+    skeleton), named as inside the block after ``inject_lora`` (``<linear>.lora_A.weight``): float32,
+    A Kaiming-uniform as ``LoRALinear`` draws it, from ``generator`` (linears in module order), B zero."""
+    out = {}
+    for name in linear_names(block):
+        in_f, out_f = linear_dims(block.get_submodule(name))
+        a = torch.empty(rank, in_f)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+        out[f"{name}.lora_A.weight"] = a
+        out[f"{name}.lora_B.weight"] = torch.zeros(out_f, rank)
+    return out
+
+
+def lora_delta(a: torch.Tensor, b: torch.Tensor, scaling: float, conv1d: bool) -> torch.Tensor:
+    """``scaling · B A`` in the base layer's weight layout (Conv1D stores (in, out)): the one formula
+    behind ``LoRALinear.delta_weight`` and the streamed merge of ``offsite.models.plugin``."""
+    delta = (b @ a) * scaling
+    return delta.T if conv1d else delta
 
 
 def merge_lora(module: nn.Module) -> None:

@@ -135,6 +135,50 @@ def num_layers(config) -> int:
     return int(config.num_hidden_layers)
 
 
+def model_parts(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The parts a model is placed and cast by (``offsite.device``): each block, each non-block part
+    of the base model the registry names, and each child of the model outside its base model (the
+    head). Together they hold every parameter of a model ``check_layout`` accepts."""
+    arch = architecture_for(model.config.model_type)
+    prefix = base_prefix(model)
+    parts = [(f"{blocks_path(model)}.{i}", block) for i, block in enumerate(get_blocks(model))]
+    for path in arch.frozen:
+        part = _get(model.base_model, path)
+        if part is not None:
+            parts.append((prefix + path, part))
+    if prefix:
+        base_name = prefix.removesuffix(".")
+        parts += [(name, child) for name, child in model.named_children() if name != base_name]
+    return parts
+
+
+def split_block_name(name: str, blocks: str) -> tuple[int, str] | None:
+    """``(index, rest)`` of a tensor name inside the block list ``blocks`` (``blocks_path``), e.g.
+    ``model.layers.22.mlp.up_proj.weight`` -> ``(22, "mlp.up_proj.weight")``; None outside it."""
+    head = blocks + "."
+    if not name.startswith(head):
+        return None
+    index, sep, rest = name[len(head) :].partition(".")
+    if not sep or not index.isdigit():
+        return None
+    return int(index), rest
+
+
+def block_name(blocks: str, index: int, rest: str) -> str:
+    """The inverse of ``split_block_name``."""
+    return f"{blocks}.{index}.{rest}"
+
+
+def renumber_blocks(name: str, blocks: str, index_map: dict[int, int] | list[int]) -> str:
+    """``name`` with its block index ``i`` replaced by ``index_map[i]`` (names outside the blocks
+    unchanged): how emulator surgery maps emulator positions to source layers."""
+    found = split_block_name(name, blocks)
+    if found is None:
+        return name
+    index, rest = found
+    return block_name(blocks, index_map[index], rest)
+
+
 def check_layout(model: nn.Module) -> Architecture:
     """Check that the registry accounts for every part of the base model.
 

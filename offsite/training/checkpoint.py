@@ -34,6 +34,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import nn
 
+from offsite.device import to_device_of
 from offsite.errors import FormatError, IntegrityError
 from offsite.fileio import canonical_json, sha256_bytes, write_bytes_atomic
 from offsite.formats.schema import Schema, parse
@@ -163,10 +164,12 @@ def load(
         for n, p in params.items():
             p.copy_(tensors[f"param.{n}"])
             if optimizer is not None and f"opt.exp_avg.{n}" in tensors:
+                # The moments live beside their parameter (on its device); AdamW keeps the step count
+                # on the CPU.
                 optimizer.state[p] = {
                     "step": tensors[f"opt.step.{n}"].reshape(()).clone(),
-                    "exp_avg": tensors[f"opt.exp_avg.{n}"].clone(),
-                    "exp_avg_sq": tensors[f"opt.exp_avg_sq.{n}"].clone(),
+                    "exp_avg": to_device_of(tensors[f"opt.exp_avg.{n}"], p).clone(),
+                    "exp_avg_sq": to_device_of(tensors[f"opt.exp_avg_sq.{n}"], p).clone(),
                 }
     return meta
 

@@ -26,6 +26,7 @@ from pydantic import ConfigDict, Field
 from torch import nn
 
 from offsite.data import Example, collate
+from offsite.device import inputs_for, to_cpu, to_device_of
 from offsite.errors import FormatError, OffsiteError
 from offsite.formats.schema import Schema, Sha256Hex, validate
 from offsite.models.registry import get_blocks
@@ -107,7 +108,7 @@ def weights_sha256(model: nn.Module) -> str:
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode() + b"\0" + str(t.dtype).encode() + str(tuple(t.shape)).encode())
         h.update(
-            t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()
+            to_cpu(t.detach()).reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()
             if t.numel()
             else b""
         )
@@ -163,19 +164,23 @@ class Distiller:
         self.last_kd: float | None = None  # the KD loss of the last step (kept across a resume)
 
     def losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        # The teacher may sit elsewhere (another device, or spread over devices by accelerate):
+        # its hidden state comes to the student's device.
+        t_in, batch = inputs_for(self.teacher, batch), inputs_for(self.student, batch)
         with torch.no_grad():
             h_t = self.teacher(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
+                input_ids=t_in["input_ids"],
+                attention_mask=t_in["attention_mask"],
                 output_hidden_states=True,
             ).hidden_states[self.teacher_index]
         out = self.student(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True
         )
-        kd = kd_loss(h_t.float(), out.hidden_states[self.student_index].float(), batch["attention_mask"])
-        lm = torch.zeros(())
+        h_s = out.hidden_states[self.student_index]
+        kd = kd_loss(to_device_of(h_t, h_s).float(), h_s.float(), to_device_of(batch["attention_mask"], h_s))
+        lm = torch.zeros((), device=h_s.device)
         if self.use_lm:
-            lm = loss_from_logits(out.logits, batch["labels"], self.shift).mean()
+            lm = loss_from_logits(out.logits, to_device_of(batch["labels"], out.logits), self.shift).mean()
         return lm, kd
 
     def train(

@@ -13,6 +13,12 @@ The pieces and who owns them:
   (``noise.StepNoise``, drawn a step ahead in a background thread) added to the clipped sum, then
   division by the constant nominal batch, never by anything computed from N.
 
+Where it runs: the model, the per-sample engine, the clipped sums and AdamW's state live on the
+model's device (``offsite.device``: the caller placed the model); sampling and the noise are drawn on
+the CPU. Each step's noise is drawn during the step before it into one of two host buffers (pinned
+on CUDA), copied to the device without blocking (``device.upload``) and added there; the buffer is
+refilled only after that copy has finished (``Upload.wait``, one step later).
+
 Randomness for sampling and noise comes from ChaCha20 keyed from ``os.urandom`` (a new key per run,
 never stored), never from ``--seed``; a test-only ``noise_seed`` exists and is recorded in the
 receipt. Budget is recorded before it is spent: ``offsite.tune`` reserves the whole run in the
@@ -30,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from offsite import device
 from offsite.data import Example, collate
 from offsite.errors import BudgetError, DataError, OffsiteError
 from offsite.privacy import accounting
@@ -131,15 +138,16 @@ def noise_stream(noise_seed: int | None) -> ChaChaStream:
 
 
 def add_noise_and_scale(
-    params: Sequence[nn.Parameter], noise: np.ndarray, std: float, nominal_batch: int
+    params: Sequence[nn.Parameter], noise: np.ndarray | torch.Tensor, std: float, nominal_batch: int
 ) -> None:
     """The privatised gradient, in place: p.grad (the clipped sum) + std · noise, divided by the
-    constant nominal batch. ``noise`` is one N(0, 1) vector covering ``params`` in order."""
-    flat = torch.from_numpy(noise)
+    constant nominal batch. ``noise`` is one N(0, 1) float32 vector covering ``params`` in order (a host
+    array, or a tensor already on the parameters' device)."""
+    flat = torch.from_numpy(noise) if isinstance(noise, np.ndarray) else noise
     offset = 0
     for p in params:
         n = p.numel()
-        chunk = flat[offset : offset + n].view(p.shape).to(p.grad.device)
+        chunk = device.to_device_of(flat[offset : offset + n].view(p.shape), p.grad)
         p.grad.add_(chunk, alpha=std).div_(nominal_batch)
         offset += n
     if offset != flat.numel():
@@ -209,8 +217,12 @@ def train_dp(
     start = state.load(identity, params, optimizer) if state is not None and state.exists() else 0
     stream = noise_stream(noise_seed)
     trainable = list(params.values())
+    where = trainable[0].device
     sampler = PoissonSampler(stream, len(examples), plan.sample_rate)
-    noise = StepNoise(stream, sum(p.numel() for p in trainable), last_step=plan.steps)
+    noise = StepNoise(
+        stream, sum(p.numel() for p in trainable), last_step=plan.steps, allocate=device.HostBuffers(where)
+    )
+    upload = device.Upload(torch.zeros(0))
     clipper = PerSampleClipper(model, plan.max_grad_norm)
     steps_per_epoch = math.ceil(1 / plan.sample_rate)
     model.train()
@@ -235,8 +247,11 @@ def train_dp(
                     return per_sample
 
                 clipper.step(loss_fn, batch_size=len(chunk))
+            # The previous step's copy must be done with its buffer before get() refills that buffer.
+            upload.wait()
+            upload = device.upload(noise.get(step), where)
             add_noise_and_scale(
-                trainable, noise.get(step), plan.noise_multiplier * plan.max_grad_norm, plan.nominal_batch
+                trainable, upload.tensor, plan.noise_multiplier * plan.max_grad_norm, plan.nominal_batch
             )
             optimizer.step()
             if on_step:

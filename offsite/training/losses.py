@@ -12,12 +12,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from offsite.data import IGNORE
+from offsite.device import inputs_for, to_device_of
 
 
 def per_sample_loss(model: nn.Module, batch: dict[str, torch.Tensor], shift: bool) -> torch.Tensor:
-    """Loss of each sample, shape (B,). ``shift`` for causal LMs (predict the next token)."""
+    """Loss of each sample, shape (B,), on the model's device. ``shift`` for causal LMs (predict the
+    next token)."""
+    batch = inputs_for(model, batch)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return loss_from_logits(logits, batch["labels"], shift)
+    return loss_from_logits(logits, to_device_of(batch["labels"], logits), shift)
 
 
 def loss_from_logits(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> torch.Tensor:

@@ -30,6 +30,7 @@ import math
 import os
 import struct
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -155,11 +156,22 @@ class StepNoise:
 
     ``generate_seconds`` (time spent drawing, over ``fills`` vectors) and ``wait_seconds`` (time
     ``get`` blocked) are kept for the benchmark.
+
+    ``allocate(size)`` makes the two float32 buffers (``offsite.device.HostBuffers``: page-locked
+    memory when the noise is copied to a CUDA device, so the copy need not block).
     """
 
-    def __init__(self, stream: ChaChaStream, size: int, last_step: int, background: bool = True):
+    def __init__(
+        self,
+        stream: ChaChaStream,
+        size: int,
+        last_step: int,
+        background: bool = True,
+        allocate: Callable[[int], np.ndarray] | None = None,
+    ):
         self.stream, self.size, self.last_step = stream, size, last_step
-        self._buffers = (np.empty(size, dtype=np.float32), np.empty(size, dtype=np.float32))
+        allocate = allocate or (lambda n: np.empty(n, dtype=np.float32))
+        self._buffers = (allocate(size), allocate(size))
         self._pending: dict[int, Future] = {}
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="offsite-noise") if background else None
         self.generate_seconds = 0.0
