@@ -1,6 +1,8 @@
 # Set-up and the two commands the README promises: `make demo` and `make test`.
-# The CPU build of torch 2.13.0 is installed first, so the library's own torch range
-# never pulls a multi-GB CUDA build.
+# torch is pinned to 2.13.0 and installed first, so the library's own torch range never pulls a newer
+# release. Which build pip takes depends on the machine: the CI machines provide a CPU build locally;
+# from PyPI on Linux x86_64 it is the (much larger) CUDA build. For a CPU-only build elsewhere, put
+# it into .venv first: .venv/bin/pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
