@@ -34,6 +34,34 @@ def env(tmp_path):
     return e
 
 
+class Ran:
+    """What a command printed and returned, as from a subprocess."""
+
+    def __init__(self, returncode: int, stdout: str, stderr: str):
+        self.returncode, self.stdout = returncode, stdout
+        self.stderr = " ".join(stderr.split())  # however the terminal wrapped it
+
+
+@pytest.fixture
+def in_process(tmp_path, capsys, monkeypatch):
+    """Run `offsite` in this process (the flow below runs a dozen commands; a subprocess each would load
+    torch a dozen times). test_help_for_every_role runs the installed entry point in subprocesses."""
+    from offsite.cli.main import main
+
+    monkeypatch.setenv("OFFSITE_CLIENT_DIR", str(tmp_path / "client"))
+    monkeypatch.setenv("OFFSITE_OWNER_DIR", str(tmp_path / "owner"))
+
+    def run(*args, check: bool = True) -> Ran:
+        capsys.readouterr()
+        code = main([str(a) for a in args])
+        ran = Ran(code, *capsys.readouterr())
+        if check and code != 0:
+            raise AssertionError(f"offsite {' '.join(map(str, args))} failed ({code}):\n{ran.stderr}")
+        return ran
+
+    return run
+
+
 def test_help_for_every_role(env):
     for args in (
         ["--help"],
@@ -50,7 +78,8 @@ def test_help_for_every_role(env):
     assert "--epsilon" in run("client", "train", "--help", env=env).stdout
 
 
-def test_whole_flow_from_the_command_line(tmp_path, env):
+def test_whole_flow_from_the_command_line(tmp_path, in_process):
+    run = in_process
     model = make_tiny_checkpoint(tmp_path / "model", "gpt2", layers=6)
     rng = random.Random(0)
     public = tmp_path / "public.txt"
@@ -76,7 +105,7 @@ def test_whole_flow_from_the_command_line(tmp_path, env):
         )
     )
 
-    keys = json.loads(run("client", "keys", "init", "--json", env=env).stdout)
+    keys = json.loads(run("client", "keys", "init", "--json").stdout)
     prep = json.loads(
         run(
             "owner",
@@ -93,7 +122,6 @@ def test_whole_flow_from_the_command_line(tmp_path, env):
             "--frozen-dtype",
             "bf16",  # the teacher and the student's frozen parts; the distilled blocks train in fp32
             "--json",
-            env=env,
         ).stdout
     )
     assert prep["layer_map"] == [0, 1, 2, 4, 5] and prep["distillation"]["steps"] == 4
@@ -115,7 +143,6 @@ def test_whole_flow_from_the_command_line(tmp_path, env):
         "--batch-size",
         "16",
         "--json",
-        env=env,
     )
     out = json.loads(trained.stdout)
     assert "chosen by --device auto" in trained.stderr  # and which device it chose
@@ -123,7 +150,7 @@ def test_whole_flow_from_the_command_line(tmp_path, env):
         out["epsilon"]["cumulative"]["prv_upper"] <= 6 and out["plan"]["steps"] == 8
     )  # 72 records: bucket 128, q = 16/128, ⌈1 / q⌉ steps
     assert (tmp_path / "adapter" / "receipt.sig").is_file()
-    budget = json.loads(run("client", "budget", "--delta", out["delta"], "--json", env=env).stdout)
+    budget = json.loads(run("client", "budget", "--delta", out["delta"], "--json").stdout)
     assert [d["dataset_id"] for d in budget["datasets"]] == ["clinic-1"]
     assert (
         abs(budget["datasets"][0]["epsilon"]["prv_upper"] - out["epsilon"]["cumulative"]["prv_upper"]) < 1e-6
@@ -140,15 +167,12 @@ def test_whole_flow_from_the_command_line(tmp_path, env):
             "--pubkey",
             pub,
             "--json",
-            env=env,
         ).stdout
     )
     assert audit["ok"] is True
 
     plug = json.loads(
-        run(
-            "owner", "plug", model, tmp_path / "adapter", "--out", tmp_path / "merged", "--json", env=env
-        ).stdout
+        run("owner", "plug", model, tmp_path / "adapter", "--out", tmp_path / "merged", "--json").stdout
     )
     assert plug["kind"] == "lora" and plug["layers"] == [0, 1, 4, 5]
 
@@ -168,7 +192,6 @@ def test_whole_flow_from_the_command_line(tmp_path, env):
             "--merged",
             tmp_path / "merged",
             "--json",
-            env=env,
         ).stdout
     )
     settings = report["settings"]
@@ -195,7 +218,6 @@ def test_whole_flow_from_the_command_line(tmp_path, env):
         "1",
         "--batch-size",
         "16",
-        env=env,
         check=False,
     )
     assert again.returncode == 2 and "already spent" in again.stderr and "Traceback" not in again.stderr
@@ -218,7 +240,6 @@ def test_whole_flow_from_the_command_line(tmp_path, env):
         "--frozen-dtype",
         "bf16",
         "--gradient-checkpointing",
-        env=env,
     )
     assert (
         "DIFFERENTIAL PRIVACY IS OFF" in nodp.stderr and not (tmp_path / "adapter3" / "receipt.json").exists()
@@ -228,7 +249,7 @@ def test_whole_flow_from_the_command_line(tmp_path, env):
         "device cpu" in placed and "frozen parts in bfloat16" in placed and "gradient checkpointing" in placed
     )
     refused = run("client", "train", tmp_path / "bundle", "--data", train, "--out", tmp_path / "a4", "--no-dp",
-                  "--device", "cpu", "--frozen-dtype", "fp16", env=env, check=False)  # fmt: skip
+                  "--device", "cpu", "--frozen-dtype", "fp16", check=False)  # fmt: skip
     assert (
         refused.returncode == 2 and "refused on the CPU" in refused.stderr and not (tmp_path / "a4").exists()
     )
