@@ -170,8 +170,8 @@ class OffsiteService:
     def _add_within_quota(self, record: SubmissionRecord) -> None:
         limits = self.limits
         advice = (
-            f"finish your open uploads (rerun `offsite client submit` for each) or let them expire "
-            f"({limits.ttl_text()} after their last byte); `offsite client status` lists them"
+            f"finish your open uploads (rerun `offsite client submit` on each adapter) or let them "
+            f"expire ({limits.ttl_text()} after their last byte)"
         )
         if record.total > limits.upload_quota_bytes:
             raise QuotaError(
