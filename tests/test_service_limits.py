@@ -17,6 +17,7 @@ import pytest
 from test_service import begin, messages, payload, refused, write
 from world import copy_state
 
+from offsite.cli.main import main
 from offsite.errors import OffsiteError
 from offsite.formats import submission as envelope_format
 from offsite.server.app import OffsiteServer
@@ -61,7 +62,7 @@ def wait_for(predicate, timeout=15.0):
 # ----------------------------------------------------------------------------------------------- expiry
 
 
-def test_an_abandoned_upload_expires_and_a_rerun_of_submit_starts_afresh(world, tmp_path):
+def test_an_abandoned_upload_expires_and_a_rerun_of_submit_starts_afresh(world, tmp_path, capsys):
     with serving(world, tmp_path, upload_ttl_s=2.0) as (server, port, stub):
         alice = stub()
         data = payload(world.adapter)
@@ -85,10 +86,30 @@ def test_an_abandoned_upload_expires_and_a_rerun_of_submit_starts_afresh(world, 
             f"submission {sid} expired: abandoned: no bytes for 2 s",
             "Start a fresh upload",
         )
-        expired = [
-            r.submission_id for r in server.service.storage.list_submissions(states=[SubmissionState.EXPIRED])
-        ]
-        assert sid in expired
+        # The owner sees it as expired, and no longer among the open ones.
+        for only, present in (("expired", True), ("uploading", False)):
+            capsys.readouterr()
+            assert (
+                main(
+                    [
+                        "owner",
+                        "submissions",
+                        "--state",
+                        str(server.state.paths.root),
+                        "--only",
+                        only,
+                        "--json",
+                    ]
+                )
+                == 0
+            )
+            listed = {r["submission_id"]: r for r in json.loads(capsys.readouterr().out)["submissions"]}
+            assert (sid in listed) == present
+            if present:
+                assert (listed[sid]["state"], listed[sid]["reason"]) == (
+                    "expired",
+                    "abandoned: no bytes for 2 s",
+                )
 
         # The data owner reruns `submit` on the interrupted upload: the session is gone, so the same
         # files go up in a fresh one and are accepted.
