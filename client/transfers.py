@@ -59,6 +59,7 @@ STATE_NAMES = {
     pb.SUBMISSION_STATE_REJECTED: "rejected",
     pb.SUBMISSION_STATE_ACCEPTED: "accepted",
     pb.SUBMISSION_STATE_PLUGGED: "plugged",
+    pb.SUBMISSION_STATE_EXPIRED: "expired",
 }
 
 
@@ -168,6 +169,7 @@ class SubmitResult:
     resumed: bool
     checkpoint: Path | None = None  # where the ledger checkpoint of an acceptance was kept
     checkpoint_problem: str = ""  # why a checkpoint the server sent was not kept (not the owner's)
+    replaced_expired: str = ""  # the id of an expired session this upload started afresh from
 
 
 class OffsiteClient:
@@ -343,7 +345,7 @@ class OffsiteClient:
         adapter_dir = Path(adapter_dir)
         files = envelope_format.files_of(adapter_dir)
         pending = self._pending_path(job_id, files)
-        submission_id, resumed = None, False
+        submission_id, resumed, expired = None, False, ""
         if pending.is_file():
             submission_id = json.loads(pending.read_text())["submission_id"]
             resumed = True
@@ -356,9 +358,13 @@ class OffsiteClient:
                     backoff,
                 )
                 if status.complete:
-                    return self._with_checkpoint(
-                        SubmitResult(self._finish_pending(pending, submission_id), resumed)
-                    )
+                    record = self._finish_pending(pending, submission_id)
+                    if record.state != pb.SUBMISSION_STATE_EXPIRED:
+                        return self._with_checkpoint(SubmitResult(record, resumed))
+                    # The server gave up on the session (no byte for its upload TTL) and deleted what it
+                    # had: the same files go up again in a fresh session, under a fresh envelope.
+                    expired = submission_id
+                    submission_id, resumed = None, False
             except ServerError as e:
                 if e.code != grpc.StatusCode.NOT_FOUND:
                     raise
@@ -390,7 +396,7 @@ class OffsiteClient:
             raise
         self._remember(submission_id, job_id, adapter_dir, record)
         pending.unlink(missing_ok=True)
-        return self._with_checkpoint(SubmitResult(record, resumed))
+        return self._with_checkpoint(SubmitResult(record, resumed, replaced_expired=expired))
 
     def keep_checkpoint(self, data: bytes) -> tuple[Path | None, str]:
         if not data:

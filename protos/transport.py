@@ -46,6 +46,22 @@ DRAIN_GRACE_S = 30.0
 MAX_WORKERS = 64
 MAX_CONCURRENT_RPCS = 256
 
+#: What one enrolled data owner may hold of the server (``server.limits.ServerLimits``; each has an
+#: ``offsite serve`` flag). An upload session with no committed byte for UPLOAD_TTL_S is expired (its
+#: partial files deleted); the janitor looks for such sessions this often (or every quarter TTL, if
+#: shorter), and once when the server starts.
+UPLOAD_TTL_S = 24 * 3600.0
+JANITOR_INTERVAL_S = 600.0
+#: Open (uploading) submissions per client, and the bytes they may declare together.
+MAX_OPEN_UPLOADS = 4
+UPLOAD_QUOTA_BYTES = 4096 * MiB
+#: Calls per client: a token bucket refilled at CALLS_PER_SECOND holding at most CALL_BURST calls; over
+#: it, RESOURCE_EXHAUSTED (clients back off and retry). At most MAX_CALLS_PER_CLIENT of one client's
+#: calls are open at once, so no single client holds more than that many of the MAX_WORKERS threads.
+CALLS_PER_SECOND = 20.0
+CALL_BURST = 60
+MAX_CALLS_PER_CLIENT = 8
+
 #: Client retries of UNAVAILABLE / RESOURCE_EXHAUSTED / ABORTED: exponential backoff with full jitter,
 #: until RETRY_BUDGET_S have passed without any progress.
 RETRY_INITIAL_S = 0.25

@@ -13,7 +13,8 @@ that chains to ``STATE/ca/ca.pem``; the CA's key is never read. The standard hea
 (``grpc.health.v1``) and reflection are served on the same port under the same TLS. On SIGTERM or
 SIGINT the server reports NOT_SERVING, stops accepting calls, lets calls in flight finish for up to
 ``grace`` seconds (``transport.DRAIN_GRACE_S``, or ``offsite serve --drain-seconds``), cancels those
-still running (their clients resume later) and exits 0.
+still running (their clients resume later) and exits 0. The janitor thread (``janitor``), which
+expires abandoned uploads, runs from the start until the drain begins.
 
 ``insecure_loopback``: plaintext on a loopback address, health only (for tests of the process
 itself); any other address is refused.
@@ -34,6 +35,8 @@ from grpc_reflection.v1alpha import reflection
 
 from offsite.errors import OffsiteError
 from offsite.server.auth import Authenticator, AuthInterceptor, CallRegistry
+from offsite.server.janitor import Janitor
+from offsite.server.limits import ServerLimits
 from offsite.server.owner_state import OwnerState, read_server_config
 from offsite.server.service import OffsiteService
 from offsite.server.servicer import OffsiteServicer
@@ -62,9 +65,15 @@ class OffsiteServer:
     """One server on one state directory. ``start`` returns the bound port (useful with port 0)."""
 
     def __init__(
-        self, state_dir, host: str = "0.0.0.0", port: int | None = None, insecure_loopback: bool = False
+        self,
+        state_dir,
+        host: str = "0.0.0.0",
+        port: int | None = None,
+        insecure_loopback: bool = False,
+        limits: ServerLimits | None = None,
     ):
         self.host = host
+        self.limits = limits or ServerLimits()
         self.insecure_loopback = insecure_loopback
         if insecure_loopback and not is_loopback(host):
             raise OffsiteError(f"--insecure-loopback serves plaintext on loopback only, not on {host!r}")
@@ -73,6 +82,8 @@ class OffsiteServer:
         self.health = health.HealthServicer(experimental_non_blocking=True)
         self.registry = CallRegistry(self.state.storage)
         self.server: grpc.Server | None = None
+        self.service: OffsiteService | None = None
+        self.janitor: Janitor | None = None
 
     def _credentials(self) -> grpc.ServerCredentials:
         paths = self.state.paths
@@ -95,7 +106,7 @@ class OffsiteServer:
         interceptors = (
             []
             if self.insecure_loopback
-            else [AuthInterceptor(Authenticator(self.state.storage, self.registry))]
+            else [AuthInterceptor(Authenticator(self.state.storage, self.registry, self.limits))]
         )
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=transport.MAX_WORKERS, thread_name_prefix="offsite-call"),
@@ -117,6 +128,9 @@ class OffsiteServer:
             )
         self.port = bound
         self.registry.start()
+        if self.service is not None:
+            self.janitor = Janitor(self.service)
+            self.janitor.start()
         server.start()
         self.server = server
         for name in ("", SERVICE_NAME):
@@ -126,8 +140,8 @@ class OffsiteServer:
     def _listen(self, server: grpc.Server, listen: str) -> int:
         if self.insecure_loopback:
             return server.add_insecure_port(listen)
-        service = OffsiteService(self.state)
-        service.recover()
+        service = self.service = OffsiteService(self.state, limits=self.limits)
+        service.recover()  # expires abandoned uploads too
         offsite_pb2_grpc.add_OffsiteServiceServicer_to_server(OffsiteServicer(service), server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -137,6 +151,8 @@ class OffsiteServer:
     def stop(self, grace: float = transport.DRAIN_GRACE_S) -> None:
         """Report NOT_SERVING, refuse new calls, let calls in flight finish for ``grace`` seconds."""
         self.health.enter_graceful_shutdown()
+        if self.janitor is not None:
+            self.janitor.stop()
         if self.server is not None:
             self.server.stop(grace).wait()
         self.registry.stop()
@@ -150,10 +166,11 @@ def run(
     insecure_loopback: bool = False,
     on_ready: Callable[[OffsiteServer], None] | None = None,
     grace: float = transport.DRAIN_GRACE_S,
+    limits: ServerLimits | None = None,
 ) -> int:
     """Serve until SIGTERM or SIGINT, then drain and return 0."""
     transport.tune_allocator()
-    server = OffsiteServer(state_dir, host, port, insecure_loopback)
+    server = OffsiteServer(state_dir, host, port, insecure_loopback, limits)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -11,6 +11,11 @@ Every open call is registered in ``CallRegistry``. A watcher thread polls the re
 ``POLL_S`` seconds: a stream of a revoked client fails its next between-chunks check, and one that is
 blocked (waiting for a chunk, or for a reader) is cancelled; calls that make no progress for
 ``transport.STALL_TIMEOUT_S`` are cancelled too. Revocation takes effect within POLL_S + CANCEL_AFTER_S.
+
+Once identified, a caller is held to its share of the server (``limits.ServerLimits``): a token bucket
+of calls per second, and a number of calls open at once, so that one enrolled client cannot take every
+thread. Over either, RESOURCE_EXHAUSTED, which clients retry with backoff. Both are in memory, per
+server process.
 """
 
 from __future__ import annotations
@@ -26,7 +31,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from offsite import crypto, pki
 from offsite.errors import OffsiteError
-from offsite.server.errors import RevokedError, StalledError, UnauthenticatedError, status_for
+from offsite.server.errors import (
+    RateLimitedError,
+    RevokedError,
+    StalledError,
+    UnauthenticatedError,
+    status_for,
+)
+from offsite.server.limits import RateLimiter, ServerLimits
 from offsite.server.storage.base import Storage
 from offsite.wire import transport
 
@@ -89,9 +101,17 @@ class CallRegistry:
         if self._thread.is_alive():
             self._thread.join(timeout=5)
 
-    def open(self, caller: Caller, context: grpc.ServicerContext) -> Call:
+    def open(self, caller: Caller, context: grpc.ServicerContext, max_per_client: int | None = None) -> Call:
+        """Register a call; RateLimitedError if the caller has ``max_per_client`` calls open already."""
         call = Call(caller, context, self)
         with self._lock:
+            if max_per_client is not None:
+                mine = sum(1 for c in self._calls if c.caller.client_id == caller.client_id)
+                if mine >= max_per_client:
+                    raise RateLimitedError(
+                        f"client {caller.client_id} has {mine} calls open, the most it may have at once: "
+                        "retry when one has ended"
+                    )
             self._calls.add(call)
         return call
 
@@ -127,9 +147,21 @@ class CallRegistry:
 
 
 class Authenticator:
-    def __init__(self, storage: Storage, registry: CallRegistry):
+    def __init__(self, storage: Storage, registry: CallRegistry, limits: ServerLimits | None = None):
         self._storage = storage
         self.registry = registry
+        self.limits = limits or ServerLimits()
+        self._rate = RateLimiter(self.limits.calls_per_second, self.limits.call_burst)
+
+    def admit(self, caller: Caller, context: grpc.ServicerContext) -> Call:
+        """The caller's call rate and open calls within its limits: register the call."""
+        wait = self._rate.take(caller.client_id)
+        if wait:
+            raise RateLimitedError(
+                f"client {caller.client_id} is over {self.limits.calls_per_second:g} calls a second "
+                f"(burst {self.limits.call_burst}): retry in {wait:.2f} s"
+            )
+        return self.registry.open(caller, context, self.limits.max_calls_per_client)
 
     def identify(self, context: grpc.ServicerContext) -> Caller:
         certs = context.auth_context().get("x509_pem_cert")
@@ -171,7 +203,7 @@ def _guard(auth: Authenticator, behaviour: Callable, request_streaming: bool, re
 
     def begin(context: grpc.ServicerContext) -> Call:
         try:
-            return auth.registry.open(auth.identify(context), context)
+            return auth.admit(auth.identify(context), context)
         except Exception as e:  # noqa: BLE001 - mapped to a status by _abort
             _abort(context, e)
             raise  # unreachable: abort raises

@@ -90,6 +90,19 @@ class HistoryOmissionError(PolicyError):
     """The receipt's cumulative history leaves out a run the ledger already holds for its dataset."""
 
 
+class QuotaError(OffsiteError):
+    """The client holds as many open uploads (or declared bytes in them) as it may: final until some of
+    them are finished or expire, so not RESOURCE_EXHAUSTED, which clients retry."""
+
+
+class UploadExpiredError(OffsiteError):
+    """The upload session was expired (no byte for longer than the TTL; its partial files are gone)."""
+
+
+class RateLimitedError(OffsiteError):
+    """The client is over its call rate, or has as many calls open as it may: retry after a moment."""
+
+
 class StalledError(OffsiteError):
     """A stream made no progress for too long."""
 
@@ -107,6 +120,10 @@ _CODES: tuple[tuple[type[OffsiteError], grpc.StatusCode], ...] = (
     (ChunkIntegrityError, grpc.StatusCode.DATA_LOSS),
     # Not RESOURCE_EXHAUSTED: that is also gRPC's "server full", which clients retry; a limit is final.
     (LimitError, grpc.StatusCode.OUT_OF_RANGE),
+    (QuotaError, grpc.StatusCode.FAILED_PRECONDITION),
+    (UploadExpiredError, grpc.StatusCode.FAILED_PRECONDITION),
+    # Retried by clients with backoff (client/connection.py), which is what a rate limit wants.
+    (RateLimitedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (PolicyError, grpc.StatusCode.FAILED_PRECONDITION),
     (BudgetError, grpc.StatusCode.FAILED_PRECONDITION),
     (BusyError, grpc.StatusCode.ABORTED),

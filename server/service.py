@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -32,8 +31,12 @@ from offsite.server.errors import (
     LimitError,
     NotFoundError,
     PermissionDeniedError,
+    QuotaError,
     SignatureError,
+    UploadExpiredError,
 )
+from offsite.server.limits import ServerLimits
+from offsite.server.locks import KeyedLocks
 from offsite.server.owner_state import OwnerState
 from offsite.server.storage.base import (
     Decision,
@@ -41,6 +44,8 @@ from offsite.server.storage.base import (
     JobRecord,
     SubmissionRecord,
     SubmissionState,
+    UploadQuota,
+    utc_at,
     utc_now,
 )
 from offsite.server.transfer import Chunk, ChunkHashes, UploadWriter, read_chunks
@@ -75,14 +80,17 @@ class WriteMessage:
 
 
 class OffsiteService:
-    def __init__(self, state: OwnerState, clock: Callable[[], float] = time.time):
+    def __init__(
+        self, state: OwnerState, clock: Callable[[], float] = time.time, limits: ServerLimits | None = None
+    ):
         self.state = state
         self.storage = state.storage
         self._clock = clock
+        self.limits = limits or ServerLimits()
         self._chunk_hashes = ChunkHashes()
-        self._locks: dict[str, threading.Lock] = {}
-        self._locks_guard = threading.Lock()
-        self._budget_locks: dict[tuple[str, str], threading.Lock] = {}
+        # Both tables hold only keys in use right now (they would otherwise grow with every submission).
+        self._locks = KeyedLocks()  # one writer (or the janitor) per submission
+        self._budget_locks = KeyedLocks()  # one decision per (client, dataset)
         self.ledger = state.ledger  # the owner's signing key: refuse to serve without it
         self.ledger.open()
 
@@ -156,8 +164,26 @@ class OffsiteService:
             envelope_signature=signature,
             created_at=utc_now(),
         )
-        self.storage.add_submission(record)  # ReplayError if the nonce was seen
+        self._add_within_quota(record)
         return record
+
+    def _add_within_quota(self, record: SubmissionRecord) -> None:
+        limits = self.limits
+        advice = (
+            f"finish your open uploads (rerun `offsite client submit` on each adapter) or let them "
+            f"expire ({limits.ttl_text()} after their last byte)"
+        )
+        if record.total > limits.upload_quota_bytes:
+            raise QuotaError(
+                f"this submission declares {record.total} bytes, more than the {limits.upload_quota_bytes} "
+                "bytes a client may hold in open uploads on this server: ask the owner to raise "
+                "`offsite serve --upload-quota-mib`"
+            )
+        quota = UploadQuota(limits.max_open_uploads, limits.upload_quota_bytes)
+        try:
+            self.storage.add_submission(record, quota)  # ReplayError if the nonce was seen
+        except QuotaError as e:
+            raise QuotaError(f"{e}: {advice}") from None
 
     def _own_submission(self, caller: Caller, submission_id: str) -> SubmissionRecord:
         record = self.storage.get_submission(submission_id) if submission_id else None
@@ -167,14 +193,10 @@ class OffsiteService:
 
     @contextmanager
     def _exclusive(self, submission_id: str) -> Iterator[None]:
-        with self._locks_guard:
-            lock = self._locks.setdefault(submission_id, threading.Lock())
-        if not lock.acquire(timeout=transport.WRITER_WAIT_S):
-            raise BusyError(f"another stream is writing submission {submission_id}; retry shortly")
-        try:
+        with self._locks.hold(submission_id, timeout=transport.WRITER_WAIT_S) as held:
+            if not held:
+                raise BusyError(f"another stream is writing submission {submission_id}; retry shortly")
             yield
-        finally:
-            lock.release()
 
     def write_submission(
         self, call: Call, messages: Iterator[WriteMessage]
@@ -186,6 +208,11 @@ class OffsiteService:
         record = self._own_submission(call.caller, first.submission_id)
         with self._exclusive(record.submission_id):
             record = self.storage.get_submission(record.submission_id)
+            if record.state == SubmissionState.EXPIRED:
+                raise UploadExpiredError(
+                    f"submission {record.submission_id} expired: {record.reason}; its partial files are "
+                    "deleted. Start a fresh upload (rerunning `offsite client submit` does)"
+                )
             if record.state != SubmissionState.UPLOADING:
                 if first.finish_write and not first.data:
                     # A retried finish: the decision stands (or is made now, if it was left undecided).
@@ -294,9 +321,7 @@ class OffsiteService:
     def _budget_lock(self, client_id: str, dataset_id: str) -> Iterator[None]:
         """Decisions on one (client, dataset) run one at a time in this process (the storage's scope
         check also holds them to it across processes, e.g. a grant changed from the command line)."""
-        with self._locks_guard:
-            lock = self._budget_locks.setdefault((client_id, dataset_id), threading.Lock())
-        with lock:
+        with self._budget_locks.hold((client_id, dataset_id)):
             yield
 
     def _accept(
@@ -337,8 +362,30 @@ class OffsiteService:
                     raise
         raise AssertionError("unreachable")
 
+    # -- abandoned uploads -------------------------------------------------------------------------
+    def expire_abandoned(self) -> list[str]:
+        """Expire every upload with no committed byte for the TTL; delete its partial files. An upload
+        that a stream is writing right now is left alone (it is not abandoned). Returns the expired ids."""
+        cutoff = utc_at(self._clock() - self.limits.upload_ttl_s)
+        reason = f"abandoned: no bytes for {self.limits.ttl_text()}"
+        expired = []
+        for record in self.storage.list_submissions(states=[SubmissionState.UPLOADING]):
+            if record.active_at >= cutoff:
+                continue
+            with self._locks.hold(record.submission_id, timeout=0) as held:
+                if not held:
+                    continue
+                if self.storage.expire_submission(record.submission_id, cutoff, reason) is not None:
+                    self.state.uploads.remove(record.submission_id)
+                    expired.append(record.submission_id)
+                    log.info(
+                        "submission %s of %s expired: %s", record.submission_id, record.client_id, reason
+                    )
+        return expired
+
     def recover(self) -> None:
-        """After a restart: decide submissions received before a crash; drop files of decided ones."""
+        """After a restart: decide submissions received before a crash; drop files of decided ones;
+        expire abandoned uploads."""
         for record in self.storage.list_submissions(states=[SubmissionState.RECEIVED]):
             try:
                 self.decide(record.submission_id)
@@ -346,6 +393,7 @@ class OffsiteService:
                 log.info("submission %s rejected on recovery: %s", record.submission_id, e)
             except Exception:  # stays received; tried again at the next start
                 log.exception("could not decide submission %s", record.submission_id)
+        self.expire_abandoned()
         live = {r.submission_id for r in self.storage.list_submissions(states=[SubmissionState.UPLOADING])}
         for name in self.state.uploads.present():
             if name not in live:

@@ -26,7 +26,9 @@ from offsite.formats import signing
 from offsite.formats import submission as envelope_format
 from offsite.server import admin
 from offsite.server.app import OffsiteServer
+from offsite.server.limits import ServerLimits
 from offsite.server.owner_state import OwnerState
+from offsite.server.service import OffsiteService
 from offsite.server.storage.base import SubmissionState
 from offsite.wire.v1 import offsite_pb2 as pb
 
@@ -35,10 +37,17 @@ Code = grpc.StatusCode
 
 @pytest.fixture(scope="module")
 def server(world):
-    s = OffsiteServer(world.owner, "127.0.0.1", 0)
+    # Many tests here leave alice's uploads open on purpose (truncated, refused mid-stream) and make
+    # calls as fast as they can with bare stubs, which do not back off: the per-client limits are
+    # tested in test_service_limits.py.
+    limits = ServerLimits(max_open_uploads=1000, calls_per_second=1000, call_burst=1000)
+    s = OffsiteServer(world.owner, "127.0.0.1", 0, limits=limits)
     port = s.start()
     yield port
     s.stop(grace=1)
+    # The uploads left open would count against alice's quota in every later copy of the shared state.
+    with OwnerState(world.owner) as state:
+        OffsiteService(state, limits=ServerLimits(upload_ttl_s=1e-6)).expire_abandoned()
 
 
 @pytest.fixture(autouse=True)

@@ -195,3 +195,19 @@ def test_mission_over_the_wire(tmp_path, capsys, monkeypatch):
     assert alice["revoked_at_entry"] is not None and alice["datasets"][0]["accepted_submissions"] == 1
     assert (tmp_path / "report.html").is_file()
     assert "PASS" in offsite(capsys, "audit", "ledger", owner_dir)["out"]
+
+
+def test_serve_takes_the_per_client_limits_as_flags_and_refuses_nonsense(world, capsys):
+    from offsite.cli.main import build_parser
+    from offsite.cli.serve import limits_of
+    from offsite.server.limits import ServerLimits
+
+    args = build_parser().parse_args(
+        ["serve", "--upload-ttl", "0.5", "--max-open-uploads", "2", "--upload-quota-mib", "8"]
+        + ["--calls-per-second", "5", "--call-burst", "7", "--max-calls-per-client", "3"]
+    )
+    assert limits_of(args) == ServerLimits(1800.0, 2, 8 << 20, 5.0, 7, 3)
+    assert limits_of(build_parser().parse_args(["serve"])) == ServerLimits()
+    for flag, value in [("--upload-ttl", "0"), ("--upload-quota-mib", "nan"), ("--call-burst", "-1")]:
+        out = offsite(capsys, "serve", "--state", world.owner, flag, value, code=2)
+        assert f"({flag}) must be a positive number" in out["err"], out

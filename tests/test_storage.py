@@ -11,7 +11,13 @@ import uuid
 import pytest
 
 from offsite.errors import IntegrityError, OffsiteError
-from offsite.server.errors import AlreadyExistsError, LedgerConflictError, NotFoundError, ReplayError
+from offsite.server.errors import (
+    AlreadyExistsError,
+    LedgerConflictError,
+    NotFoundError,
+    QuotaError,
+    ReplayError,
+)
 from offsite.server.storage.base import (
     ClientRecord,
     Decision,
@@ -22,6 +28,8 @@ from offsite.server.storage.base import (
     LedgerScope,
     SubmissionRecord,
     SubmissionState,
+    UploadQuota,
+    utc_at,
     utc_now,
 )
 from offsite.server.storage.blobs import BlobStore, UploadArea
@@ -135,6 +143,74 @@ def test_committed_size_never_goes_backwards_nor_past_the_end(store):
     assert store.get_submission(s.submission_id).committed == 7
     with pytest.raises(OffsiteError, match="past the declared"):
         store.set_committed(s.submission_id, 16)
+
+
+def test_committing_a_byte_is_activity_and_expiry_takes_only_idle_uploads(store):
+    s = submission()
+    store.add_submission(s)
+    assert store.get_submission(s.submission_id).active_at == s.created_at
+    store.set_committed(s.submission_id, 4)
+    active = store.get_submission(s.submission_id).active_at
+    assert active > s.created_at
+    store.set_committed(s.submission_id, 2)  # no rise, no activity
+    assert store.get_submission(s.submission_id).active_at == active
+    # Idle since `active`: a cutoff at or before it leaves the upload alone, one after it expires it.
+    assert store.expire_submission(s.submission_id, active, "abandoned") is None
+    expired = store.expire_submission(s.submission_id, utc_now(), "abandoned: no bytes for 1 h")
+    assert expired.state == SubmissionState.EXPIRED and expired.reason == "abandoned: no bytes for 1 h"
+    assert expired.decided_at and expired.committed == 4
+    assert store.expire_submission(s.submission_id, utc_now(), "again") is None  # terminal
+    assert store.mark_received(s.submission_id).state == SubmissionState.EXPIRED
+    assert store.decide(s.submission_id, Decision(SubmissionState.ACCEPTED)).state == SubmissionState.EXPIRED
+    assert [r.submission_id for r in store.list_submissions(states=[SubmissionState.EXPIRED])] == [
+        s.submission_id
+    ]
+    assert not store.list_submissions(states=[SubmissionState.UPLOADING])
+
+
+def test_a_decided_submission_never_expires(store):
+    s = submission()
+    store.add_submission(s)
+    store.decide(s.submission_id, Decision(SubmissionState.REJECTED, reason="bad"))
+    assert store.expire_submission(s.submission_id, utc_at(2**33), "abandoned") is None
+    assert store.get_submission(s.submission_id).state == SubmissionState.REJECTED
+
+
+def test_upload_quota_counts_open_uploads_and_their_declared_bytes(store):
+    store.add_client(client("carol"))
+    quota = UploadQuota(max_open=2, max_bytes=40)
+    first, second = submission(sizes=(10, 5)), submission(sizes=(10, 5))
+    store.add_submission(first, quota)
+    store.add_submission(second, quota)
+    with pytest.raises(QuotaError, match="2 open uploads"):
+        store.add_submission(submission(sizes=(1, 1)), quota)
+    store.add_submission(submission(client_id="carol"), quota)  # per client
+    store.decide(first.submission_id, Decision(SubmissionState.REJECTED, reason="x"))  # no longer open
+    with pytest.raises(QuotaError, match="declare 15 bytes"):
+        store.add_submission(submission(sizes=(20, 6)), quota)
+    exact = submission(sizes=(20, 5))
+    store.add_submission(exact, quota)  # 15 + 25 = 40: exactly the quota
+    assert store.get_submission(exact.submission_id).state == SubmissionState.UPLOADING
+
+
+def test_the_upload_quota_holds_under_concurrent_opens(backend, store):
+    quota, ok, refused = UploadQuota(max_open=3, max_bytes=10**9), [], []
+
+    def open_one():
+        handle = backend()
+        try:
+            handle.add_submission(submission(), quota)
+            ok.append(1)
+        except QuotaError:
+            refused.append(1)
+
+    threads = [threading.Thread(target=open_one) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert (len(ok), len(refused)) == (3, 5)
+    assert len(store.list_submissions(client_id="alice", states=[SubmissionState.UPLOADING])) == 3
 
 
 def test_submission_life(store):

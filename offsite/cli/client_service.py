@@ -108,7 +108,8 @@ def register(cmds: argparse._SubParsersAction) -> None:
         description="Sign a submission envelope over ADAPTER's files (adapter.safetensors, adapter.json, "
         "receipt.json, receipt.sig) with your receipt key and upload them. The server checks the adapter "
         "against the job's bundle and the receipt against the job's privacy policy, and says accepted or "
-        "rejected (with the reason). An interrupted upload resumes when you run the command again.",
+        "rejected (with the reason). An interrupted upload resumes when you run the command again; one "
+        "the server has expired meanwhile (no byte for its upload TTL, 24 h by default) starts afresh.",
     )
     p.add_argument(
         "adapter", type=Path, metavar="ADAPTER", help="adapter directory from `offsite client train`"
@@ -119,7 +120,7 @@ def register(cmds: argparse._SubParsersAction) -> None:
 
     p = cmds.add_parser(
         "status",
-        help="the state of your submissions (uploading, received, rejected, accepted, plugged)",
+        help="the state of your submissions (uploading, received, rejected, accepted, plugged, expired)",
         description="Ask the server for the state of SUBMISSION_ID, or of every submission made from this "
         "machine.",
     )
@@ -349,8 +350,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if result.checkpoint_problem:
         warn(f"the server's ledger checkpoint: {result.checkpoint_problem}")
     if args.json:
-        print_json(info | {"resumed": result.resumed})
+        print_json(info | {"resumed": result.resumed, "replaced_expired": result.replaced_expired or None})
         return 0 if info["state"] in ("accepted", "plugged") else 3
+    if result.replaced_expired:
+        warn(
+            f"the interrupted upload {result.replaced_expired} had expired on the server (no byte for its "
+            "upload TTL); the adapter was uploaded again from the start"
+        )
     style = _STATE_STYLE.get(info["state"], "yellow")
     console.print(
         f"submission {info['submission_id']}: [{style}]{info['state']}[/{style}]"

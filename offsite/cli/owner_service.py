@@ -120,14 +120,14 @@ def register(cmds: argparse._SubParsersAction) -> None:
         "submissions",
         help="list data owners' submissions and their state",
         description="Every submission with its state (uploading, received, rejected with the reason, "
-        "accepted, plugged), client, job, dataset and ε.",
+        "accepted, plugged, or expired: abandoned for the server's upload TTL), client, job, dataset and ε.",
     )
     p.add_argument("--job", default=None, help="only this job")
     p.add_argument(
         "--only",
         dest="states",
         default=None,
-        help="only these states, comma-separated (uploading,received,rejected,accepted,plugged)",
+        help="only these states, comma-separated (uploading,received,rejected,accepted,plugged,expired)",
     )
     add_state_argument(p)
     p.add_argument("--json", action="store_true", help="print as JSON")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from pathlib import Path
 
 
@@ -36,6 +37,55 @@ def register(sub: argparse._SubParsersAction) -> None:
         help=f"on SIGTERM or Ctrl-C, how long calls in flight may run before they are cancelled "
         f"(default {transport.DRAIN_GRACE_S:.0f}; keep it below your supervisor's kill timeout)",
     )
+    g = p.add_argument_group(
+        "limits per data owner",
+        "what one enrolled client may hold of the server (docs/service.md, 'Limits and timeouts')",
+    )
+    g.add_argument(
+        "--upload-ttl",
+        type=float,
+        default=transport.UPLOAD_TTL_S / 3600,
+        metavar="HOURS",
+        help="an upload with no new byte for this long is expired: its partial files are deleted and "
+        "its state becomes 'expired' (default %(default)g; checked at start and every quarter TTL, at "
+        f"most every {transport.JANITOR_INTERVAL_S / 60:g} minutes)",
+    )
+    g.add_argument(
+        "--max-open-uploads",
+        type=int,
+        default=transport.MAX_OPEN_UPLOADS,
+        metavar="N",
+        help="open (uploading) submissions per client; one more is refused (default %(default)s)",
+    )
+    g.add_argument(
+        "--upload-quota-mib",
+        type=float,
+        default=transport.UPLOAD_QUOTA_BYTES / transport.MiB,
+        metavar="MIB",
+        help="bytes a client's open submissions may declare together (default %(default)g MiB)",
+    )
+    g.add_argument(
+        "--calls-per-second",
+        type=float,
+        default=transport.CALLS_PER_SECOND,
+        metavar="R",
+        help="calls per client per second, on average (default %(default)g; a token bucket)",
+    )
+    g.add_argument(
+        "--call-burst",
+        type=int,
+        default=transport.CALL_BURST,
+        metavar="N",
+        help="calls per client in a burst above that rate (default %(default)s)",
+    )
+    g.add_argument(
+        "--max-calls-per-client",
+        type=int,
+        default=transport.MAX_CALLS_PER_CLIENT,
+        metavar="N",
+        help=f"calls one client may have open at once, of the server's {transport.MAX_WORKERS} threads "
+        "(default %(default)s)",
+    )
     p.add_argument(
         "--insecure-loopback",
         action="store_true",
@@ -67,5 +117,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         raise OffsiteError(f"--drain-seconds must be 0 or more, not {args.drain_seconds}")
     return app.run(
-        state, args.host, args.port, args.insecure_loopback, on_ready=ready, grace=args.drain_seconds
+        state,
+        args.host,
+        args.port,
+        args.insecure_loopback,
+        on_ready=ready,
+        grace=args.drain_seconds,
+        limits=limits_of(args),
+    )
+
+
+def limits_of(args: argparse.Namespace):
+    """The flags as ``ServerLimits`` (which refuses zero, negative and non-finite values)."""
+    from offsite.server.limits import ServerLimits
+    from offsite.wire import transport
+
+    quota = args.upload_quota_mib * transport.MiB
+    return ServerLimits(
+        upload_ttl_s=args.upload_ttl * 3600,
+        max_open_uploads=args.max_open_uploads,
+        upload_quota_bytes=int(quota) if math.isfinite(quota) else quota,
+        calls_per_second=args.calls_per_second,
+        call_burst=args.call_burst,
+        max_calls_per_client=args.max_calls_per_client,
     )

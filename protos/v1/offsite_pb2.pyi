@@ -15,12 +15,14 @@ class SubmissionState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SUBMISSION_STATE_REJECTED: _ClassVar[SubmissionState]
     SUBMISSION_STATE_ACCEPTED: _ClassVar[SubmissionState]
     SUBMISSION_STATE_PLUGGED: _ClassVar[SubmissionState]
+    SUBMISSION_STATE_EXPIRED: _ClassVar[SubmissionState]
 SUBMISSION_STATE_UNSPECIFIED: SubmissionState
 SUBMISSION_STATE_UPLOADING: SubmissionState
 SUBMISSION_STATE_RECEIVED: SubmissionState
 SUBMISSION_STATE_REJECTED: SubmissionState
 SUBMISSION_STATE_ACCEPTED: SubmissionState
 SUBMISSION_STATE_PLUGGED: SubmissionState
+SUBMISSION_STATE_EXPIRED: SubmissionState
 
 class ListJobsRequest(_message.Message):
     __slots__ = ("page_token",)

@@ -24,7 +24,12 @@ from enum import Enum
 
 def utc_now() -> str:
     """Time stamps in records: RFC 3339, UTC, to the microsecond (they sort as strings)."""
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return utc_at(dt.datetime.now(dt.timezone.utc).timestamp())
+
+
+def utc_at(seconds: float) -> str:
+    """The record time stamp of ``seconds`` since the epoch."""
+    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class SubmissionState(str, Enum):
@@ -33,6 +38,7 @@ class SubmissionState(str, Enum):
     REJECTED = "rejected"  # a check failed; its files are gone
     ACCEPTED = "accepted"  # every check passed; files in the blob store
     PLUGGED = "plugged"  # the owner plugged it in
+    EXPIRED = "expired"  # abandoned: no byte for longer than the upload TTL; its partial files are gone
 
 
 @dataclass(frozen=True)
@@ -99,10 +105,19 @@ class SubmissionRecord:
     receipt_signature: bytes | None = None
     plugged_into: str = ""
     ledger_checkpoint: bytes | None = None  # the owner's signed checkpoint of its ledger entry, once accepted
+    active_at: str = ""  # when the upload opened or last committed a byte (what expiry goes by)
 
     @property
     def total(self) -> int:
         return sum(f.size for f in self.files)
+
+
+@dataclass(frozen=True)
+class UploadQuota:
+    """What one client's open (uploading) submissions may add up to; checked when one opens."""
+
+    max_open: int
+    max_bytes: int  # the sum of their declared sizes
 
 
 @dataclass(frozen=True)
@@ -222,15 +237,22 @@ class Storage(abc.ABC):
 
     # -- submissions ----------------------------------------------------------------------------
     @abc.abstractmethod
-    def add_submission(self, submission: SubmissionRecord) -> None:
-        """Record a new upload session and its nonce in one transaction (ReplayError if seen)."""
+    def add_submission(self, submission: SubmissionRecord, quota: UploadQuota | None = None) -> None:
+        """Record a new upload session and its nonce in one transaction (ReplayError if seen; QuotaError,
+        nothing recorded, if the client's open submissions with this one would exceed ``quota``)."""
+
+    @abc.abstractmethod
+    def expire_submission(self, submission_id: str, idle_before: str, reason: str) -> SubmissionRecord | None:
+        """UPLOADING -> EXPIRED if its last activity (``active_at``) is before ``idle_before``; None (and
+        nothing changed) otherwise. The caller removes its partial files after."""
 
     @abc.abstractmethod
     def get_submission(self, submission_id: str) -> SubmissionRecord: ...
 
     @abc.abstractmethod
     def set_committed(self, submission_id: str, committed: int) -> int:
-        """Raise the committed size (never lowers it); return the stored value."""
+        """Raise the committed size (never lowers it; a rise is activity: ``active_at`` becomes now);
+        return the stored value."""
 
     @abc.abstractmethod
     def mark_received(self, submission_id: str) -> SubmissionRecord:

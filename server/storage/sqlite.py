@@ -23,7 +23,13 @@ from pathlib import Path
 
 from offsite.errors import OffsiteError
 from offsite.formats.ledger import LEDGER_TABLE
-from offsite.server.errors import AlreadyExistsError, LedgerConflictError, NotFoundError, ReplayError
+from offsite.server.errors import (
+    AlreadyExistsError,
+    LedgerConflictError,
+    NotFoundError,
+    QuotaError,
+    ReplayError,
+)
 from offsite.server.storage.base import (
     BUDGET_KINDS,
     BundleRecord,
@@ -38,6 +44,7 @@ from offsite.server.storage.base import (
     Storage,
     SubmissionRecord,
     SubmissionState,
+    UploadQuota,
     utc_now,
 )
 
@@ -125,6 +132,8 @@ _MIGRATIONS = (
             BEGIN SELECT RAISE(ABORT, 'the ledger is append-only'); END""",
         "ALTER TABLE submissions ADD COLUMN ledger_checkpoint BLOB",
     ),
+    # When an upload last made progress (expiry of abandoned uploads); NULL on older rows: created_at.
+    ("ALTER TABLE submissions ADD COLUMN active_at TEXT",),
 )
 
 
@@ -392,12 +401,15 @@ class SQLiteStorage(Storage):
             receipt=blob("receipt"),
             receipt_signature=blob("receipt_signature"),
             ledger_checkpoint=blob("ledger_checkpoint"),
+            active_at=row["active_at"] or row["created_at"],
         )
 
-    def add_submission(self, submission: SubmissionRecord) -> None:
+    def add_submission(self, submission: SubmissionRecord, quota: UploadQuota | None = None) -> None:
         with self._write() as conn:
             if conn.execute("SELECT 1 FROM nonces WHERE nonce = ?", (submission.nonce,)).fetchone():
                 raise ReplayError("this submission's nonce was used before: a replayed request is refused")
+            if quota is not None:
+                self._check_quota(conn, submission, quota)
             conn.execute(
                 "INSERT INTO nonces VALUES (?, ?, ?)",
                 (submission.nonce, submission.client_id, submission.created_at),
@@ -405,7 +417,8 @@ class SQLiteStorage(Storage):
             files = json.dumps([f.__dict__ for f in submission.files])
             conn.execute(
                 "INSERT INTO submissions (submission_id, client_id, job_id, bundle_id, state, files, nonce, "
-                "envelope, envelope_signature, created_at, committed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "envelope, envelope_signature, created_at, committed, active_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     submission.submission_id,
                     submission.client_id,
@@ -418,8 +431,37 @@ class SQLiteStorage(Storage):
                     submission.envelope_signature,
                     submission.created_at,
                     submission.committed,
+                    submission.created_at,
                 ),
             )
+
+    @staticmethod
+    def _check_quota(conn: sqlite3.Connection, submission: SubmissionRecord, quota: UploadQuota) -> None:
+        rows = conn.execute(
+            "SELECT files FROM submissions WHERE client_id = ? AND state = ?",
+            (submission.client_id, SubmissionState.UPLOADING.value),
+        ).fetchall()
+        if len(rows) + 1 > quota.max_open:
+            raise QuotaError(
+                f"client {submission.client_id} has {len(rows)} open uploads, the most it may have"
+            )
+        held = sum(f["size"] for r in rows for f in json.loads(r["files"]))
+        if held + submission.total > quota.max_bytes:
+            raise QuotaError(
+                f"client {submission.client_id}'s open uploads declare {held} bytes; this one's {submission.total} "
+                f"more would pass its quota of {quota.max_bytes} bytes"
+            )
+
+    def expire_submission(self, submission_id: str, idle_before: str, reason: str) -> SubmissionRecord | None:
+        with self._write() as conn:
+            current = self._get(conn, submission_id)
+            if current.state != SubmissionState.UPLOADING or current.active_at >= idle_before:
+                return None
+            conn.execute(
+                "UPDATE submissions SET state = ?, reason = ?, decided_at = ? WHERE submission_id = ?",
+                (SubmissionState.EXPIRED.value, reason, utc_now(), submission_id),
+            )
+            return self._get(conn, submission_id)
 
     def _get(self, conn: sqlite3.Connection, submission_id: str) -> SubmissionRecord:
         row = conn.execute("SELECT * FROM submissions WHERE submission_id = ?", (submission_id,)).fetchone()
@@ -435,10 +477,11 @@ class SQLiteStorage(Storage):
             current = self._get(conn, submission_id)
             if committed > current.total:
                 raise OffsiteError(f"committed size {committed} is past the declared {current.total} bytes")
-            conn.execute(
-                "UPDATE submissions SET committed = MAX(committed, ?) WHERE submission_id = ?",
-                (committed, submission_id),
-            )
+            if committed > current.committed:
+                conn.execute(
+                    "UPDATE submissions SET committed = ?, active_at = ? WHERE submission_id = ?",
+                    (committed, utc_now(), submission_id),
+                )
             return max(committed, current.committed)
 
     def mark_received(self, submission_id: str) -> SubmissionRecord:
