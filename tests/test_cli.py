@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from tiny import WORDS, make_tiny_checkpoint
+from tiny import WORDS, make_tiny_checkpoint, write_lm_records
 
 
 def run(*args, env, check=True):
@@ -84,16 +84,7 @@ def test_whole_flow_from_the_command_line(tmp_path, in_process):
     rng = random.Random(0)
     public = tmp_path / "public.txt"
     public.write_text("".join(" ".join(rng.choices(WORDS, k=8)) + "\n" for _ in range(40)))
-    train = tmp_path / "train.jsonl"
-    train.write_text(
-        "".join(
-            json.dumps(
-                {"prompt": " ".join(rng.choices(WORDS, k=4)), "completion": " ".join(rng.choices(WORDS, k=2))}
-            )
-            + "\n"
-            for _ in range(80)
-        )
-    )
+    train = write_lm_records(tmp_path / "train.jsonl", 80, seed=1)
     task = tmp_path / "task.jsonl"
     task.write_text(
         "".join(

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import WORDS, make_tiny_checkpoint
+from tiny import WORDS, make_dp_setup, make_tiny_checkpoint
 
-from offsite import crypto, device
+from offsite import device
 from offsite.device import Placement
 from offsite.errors import OffsiteError
 from offsite.formats.bundle import Bundle
@@ -92,21 +92,7 @@ def test_noise_goes_to_a_cuda_device_from_pinned_memory_without_blocking():
 @pytest.fixture(scope="module")
 def flow(tmp_path_factory):
     root = tmp_path_factory.mktemp("device")
-    src = make_tiny_checkpoint(root / "model", "llama", layers=6)
-    prepare(src, root / "bundle", PrepareOptions())
-    rng = random.Random(0)
-    data = root / "train.jsonl"
-    data.write_text(
-        "".join(
-            json.dumps(
-                {"prompt": " ".join(rng.choices(WORDS, k=4)), "completion": " ".join(rng.choices(WORDS, k=2))}
-            )
-            + "\n"
-            for _ in range(64)
-        )
-    )
-    crypto.init_client_keys(root / "keys")
-    return root
+    return make_dp_setup(root)
 
 
 def _seeded_run(flow, out, name):

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import random
 
 import numpy as np
 import pytest
 import torch
-from tiny import WORDS, make_tiny_checkpoint
+from tiny import make_dp_setup, make_tiny_checkpoint, write_lm_records
 
 from offsite import crypto
 from offsite.errors import BudgetError, DataError, FormatError, IntegrityError, OffsiteError
@@ -24,21 +23,7 @@ from offsite.tune import TuneOptions, state_dir_for, tune
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("dp")
-    src = make_tiny_checkpoint(root / "model", "llama", layers=6)
-    prepare(src, root / "bundle", PrepareOptions())
-    rng = random.Random(0)
-    data = root / "train.jsonl"
-    data.write_text(
-        "".join(
-            json.dumps(
-                {"prompt": " ".join(rng.choices(WORDS, k=4)), "completion": " ".join(rng.choices(WORDS, k=2))}
-            )
-            + "\n"
-            for _ in range(64)
-        )
-    )
-    crypto.init_client_keys(root / "keys")
-    return root
+    return make_dp_setup(root)
 
 
 def _budgets(setup, dataset_id):
@@ -458,20 +443,6 @@ def test_two_runs_writing_one_output_do_not_train_together(setup, tmp_path):
     assert not (tmp_path / "b" / "budgets" / "ds.json").exists() and not out.exists()
 
 
-def _records(path, n: int, seed: int):
-    rng = random.Random(seed)
-    path.write_text(
-        "".join(
-            json.dumps(
-                {"prompt": " ".join(rng.choices(WORDS, k=4)), "completion": " ".join(rng.choices(WORDS, k=2))}
-            )
-            + "\n"
-            for _ in range(n)
-        )
-    )
-    return path
-
-
 def _published(adapter_dir) -> dict:
     """adapter.json and the receipt without ids, hashes, times and the fingerprint."""
     meta = json.loads((adapter_dir / "adapter.json").read_text())
@@ -490,7 +461,7 @@ def test_n_and_n_plus_one_records_publish_the_same_fields(setup, tmp_path):
     # 40 and 41 records share the size bucket 64: with the same flags nothing published may differ.
     published = []
     for n in (40, 41):
-        data = _records(tmp_path / f"train{n}.jsonl", n, seed=n)
+        data = write_lm_records(tmp_path / f"train{n}.jsonl", n, seed=n)
         opts = _opts(setup, dataset_id=f"size-{n}", noise_multiplier=None, epsilon=4.0, batch_size=8)
         result = tune(setup / "bundle", data, tmp_path / f"a{n}", opts)
         assert result.plan.size_bucket == 64 and result.plan.sample_rate == 8 / 64

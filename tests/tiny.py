@@ -179,3 +179,32 @@ def load_full(path: Path, model_type: str, num_labels: int | None = None):
             path, dtype=torch.float32, num_labels=num_labels
         ).eval()
     return AutoModelForMaskedLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def write_lm_records(path: Path, n: int, seed: int = 0) -> Path:
+    """``n`` prompt/completion records of random words (4 + 2), one JSON object per line."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    lines = (
+        json.dumps(
+            {"prompt": " ".join(rng.choices(WORDS, k=4)), "completion": " ".join(rng.choices(WORDS, k=2))}
+        )
+        for _ in range(n)
+    )
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def make_dp_setup(root: Path) -> Path:
+    """A tiny LLaMA's bundle, 64 training records and a data owner's keys under ``root``: what the DP
+    tests train on."""
+    from offsite import crypto
+    from offsite.prepare import PrepareOptions, prepare
+
+    src = make_tiny_checkpoint(root / "model", "llama", layers=6)
+    prepare(src, root / "bundle", PrepareOptions())
+    write_lm_records(root / "train.jsonl", 64)
+    crypto.init_client_keys(root / "keys")
+    return root
