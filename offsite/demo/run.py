@@ -53,6 +53,7 @@ def run_demo(
     recompute_reference: bool = False,
 ) -> int:
     from offsite.demo.mission import (
+        HOST,
         DataOwner,
         Layout,
         Policy,
@@ -83,6 +84,8 @@ def run_demo(
     timings: dict[str, float] = {}
     stage = Timings(timings)
     total_start = time.perf_counter()
+    if keep:
+        check_new_work(Path(keep))  # before the first run's pretraining, not minutes after it
     root = cached_demo(recipe)
     cached = root is not None
     if not cached:
@@ -92,8 +95,6 @@ def run_demo(
         ):
             root = build_demo_owner(recipe, on_step=bar)
     model_dir, data = root / "model", root / "data"
-    if keep:
-        check_new_work(Path(keep))
     layout = Layout(Path(keep) if keep else Path(tempfile.mkdtemp(prefix="offsite-demo-")))
     eval_file = data / "eval.jsonl"
     policy = Policy(
@@ -113,7 +114,7 @@ def run_demo(
             stage,
             train_stage=f"client train with DP (ε={settings.epsilon:g}, DP defaults)",
             on_server=lambda port: err_console.print(
-                f"owner's server: mutual TLS on 127.0.0.1:{port}, state {layout.owner}"
+                f"owner's server: mutual TLS on {HOST}:{port}, state {layout.owner}"
             ),
         )
         private = mission.owners[CLIENT_ID]
@@ -161,7 +162,7 @@ def run_demo(
     defaults = private.defaults
     ok = all(passed for _, passed, _ in checks) and audit_ok
     wire = {
-        "server": f"127.0.0.1:{mission.port}",
+        "server": f"{HOST}:{mission.port}",
         "job_id": mission.job_id,
         "client_id": CLIENT_ID,
         "submission_id": private.submission_id,
@@ -201,7 +202,7 @@ def run_demo(
     )
     console.print(
         f"over the wire: {CLIENT_ID} enrolled with the owner's CA, fetched job {mission.job_id}'s signed "
-        f"bundle from 127.0.0.1:{mission.port}, trained at the smallest of its limits ({private.limits['chosen']}: "
+        f"bundle from {HOST}:{mission.port}, trained at the smallest of its limits ({private.limits['chosen']}: "
         f"ε = {private.limits['epsilon']:g}, δ = {private.limits['delta']:g}) and submitted; the server "
         f"verified and accepted submission {private.submission_id}, which the owner plugged in"
     )
