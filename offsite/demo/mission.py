@@ -238,6 +238,7 @@ def _data_owner(
 ) -> Trained:
     """`client jobs`, `client fetch`, `client train --server --job`, `client submit`."""
     from offsite.cli.client_service import enrolled_owner_key, limits_from_server
+    from offsite.client.transfers import STATE_NAMES
     from offsite.errors import OffsiteError
     from offsite.training.dp_defaults import DEFAULTED
     from offsite.tune import TuneOptions, tune
@@ -278,8 +279,6 @@ def _data_owner(
             )
     with timings("submit + verify (upload, server checks, ledger)"), _client(layout, cid, port) as c:
         submitted = c.submit(policy.job_id, layout.adapter(cid))
-    from offsite.client.transfers import STATE_NAMES
-
     state = STATE_NAMES.get(submitted.submission.state, "unknown")
     if state != "accepted":
         raise OffsiteError(f"{cid}'s submission is {state}: {submitted.submission.reason}")
