@@ -97,3 +97,14 @@ def test_a_work_directory_in_use_is_refused(tmp_path, model):
     with pytest.raises(OffsiteError, match="not an empty directory"):
         owner = DataOwner("clinic-a", tmp_path / "a.jsonl", "notes-a")
         run_mission(Layout(tmp_path / "work"), model, PREPARE, [owner], POLICY, Timings({}))
+
+
+def test_demo_keep_refuses_a_directory_in_use_before_any_work(tmp_path, capsys, monkeypatch):
+    from offsite.cli.main import main
+
+    monkeypatch.setenv("OFFSITE_CACHE_DIR", str(tmp_path / "empty-cache"))  # a cold cache: would pretrain
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "owner").mkdir()
+    assert main(["demo", "--quick", "--keep", str(tmp_path / "kept")]) == 2
+    assert "not an empty directory" in capsys.readouterr().err
+    assert not (tmp_path / "empty-cache").exists()
