@@ -29,6 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--keep",
         type=Path,
         default=None,
+        metavar="DIR",
         help="keep the whole work directory here (new or empty): the owner's state in DIR/owner, the data "
         "owner's credentials in DIR/client-1/keys (checkpoints in DIR/client-1/keys/checkpoints), what it "
         "handed the auditor in DIR/auditor, the bundle, adapters and merged models (trains the reference "
