@@ -521,7 +521,6 @@ def server_limits(args: argparse.Namespace) -> dict:
     grant's), after checking that this machine knows every run the server's ledger holds."""
     from offsite import state
     from offsite.errors import OffsiteError
-    from offsite.privacy import history, ledger_budget
 
     if not args.job:
         raise OffsiteError("--server needs --job JOB: the job's maximum ε is one of the limits")
@@ -529,10 +528,31 @@ def server_limits(args: argparse.Namespace) -> dict:
         raise OffsiteError("--server sets the privacy target of a DP run; it cannot be used with --no-dp")
     if not args.dataset_id:
         raise OffsiteError("--server needs --dataset-id: grants are per dataset")
-    dataset_id = history.validate_dataset_id(args.dataset_id)
     with _client(args) as c:
-        job = c.job(args.job)
-        response, kept, problem = c.budget(dataset_id)
+        return limits_from_server(
+            c, args.job, args.dataset_id, state.client_dir(), epsilon=args.epsilon, delta=args.delta
+        )
+
+
+def limits_from_server(
+    c,
+    job_id: str,
+    dataset_id: str,
+    budget_dir: Path,
+    epsilon: float | None = None,
+    delta: float | None = None,
+) -> dict:
+    """The limits of a DP run on ``dataset_id`` for job ``job_id``, asked of the server through the
+    connected client ``c`` (an ``OffsiteClient``): the job's maximum ε, the owner's grant, this machine's
+    budget in ``budget_dir`` and ``epsilon`` (if given); the target is the smallest, at the grant's δ
+    (within the job's maximum). Refuses when the server's ledger holds runs ``budget_dir`` does not know
+    (a receipt from here would leave them out), and ``delta`` other than that δ."""
+    from offsite.errors import OffsiteError
+    from offsite.privacy import history, ledger_budget
+
+    dataset_id = history.validate_dataset_id(dataset_id)
+    job = c.job(job_id)
+    response, kept, problem = c.budget(dataset_id)
     if problem:
         raise OffsiteError(f"the server's ledger checkpoint: {problem}")
     view = next((v for v in response.datasets if v.dataset_id == dataset_id), None)
@@ -541,36 +561,36 @@ def server_limits(args: argparse.Namespace) -> dict:
             f"the owner has granted no budget for dataset {dataset_id}: the server would refuse the adapter. "
             f"Ask the owner for `offsite owner grant CLIENT_ID {dataset_id} --epsilon E --delta D`"
         )
-    budget_dir = state.client_dir()
     unknown = ledger_budget.omission(_runs(view), history.cumulative_history(dataset_id, budget_dir))
     if unknown:
         raise OffsiteError(
             f"the server's ledger holds runs on {dataset_id} that this machine has not recorded ({unknown}); "
             "a receipt from this machine would leave them out and be refused"
         )
-    delta = view.grant_delta
-    if job.policy.max_delta < delta:
-        delta = job.policy.max_delta
-    if args.delta is not None and args.delta != delta:
+    run_delta = view.grant_delta
+    if job.policy.max_delta < run_delta:
+        run_delta = job.policy.max_delta
+    if delta is not None and delta != run_delta:
         raise OffsiteError(
-            f"--delta {args.delta:g}: with --server the run is accounted at δ = {delta:g} (the grant's, within "
+            f"--delta {delta:g}: with --server the run is accounted at δ = {run_delta:g} (the grant's, within "
             "the job's maximum); leave --delta out"
         )
     limits = {f"job {job.job_id}'s maximum": job.policy.max_epsilon, "the owner's grant": view.grant_epsilon}
     local = history.read(dataset_id, budget_dir).budget
     if local is not None:
-        if local.delta != delta:
+        if local.delta != run_delta:
             raise OffsiteError(
                 f"dataset {dataset_id}'s budget on this machine is at δ = {local.delta:g}, the grant's at "
-                f"δ = {delta:g}: `offsite client set-budget {dataset_id} --epsilon E --delta {delta:g}` first"
+                f"δ = {run_delta:g}: `offsite client set-budget {dataset_id} --epsilon E --delta {run_delta:g}` "
+                "first"
             )
         limits["this machine's budget"] = local.epsilon
-    if args.epsilon is not None:
-        limits["--epsilon"] = args.epsilon
+    if epsilon is not None:
+        limits["--epsilon"] = epsilon
     chosen = min(limits, key=limits.get)
     return {
         "epsilon": limits[chosen],
-        "delta": delta,
+        "delta": run_delta,
         "limits": limits,
         "chosen": chosen,
         "spent_on_server": view.spent_epsilon,

@@ -11,14 +11,19 @@ from offsite.cli.placement import add_placement_arguments, placement_from
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
-        help="run prepare -> private tuning -> plug-in -> five-setting table",
+        help="run the whole mission over the wire, the five-setting table and a ledger audit",
         description="Build (or reuse from the cache) a small demo model owner and a private "
-        "downstream task, then run the whole offsite-tuning flow and print the five settings. The "
-        "private adapter is trained with DP (ε = 8) using the DP defaults of `offsite client train`; "
-        "the non-private reference rows (full fine-tuning, the emulator and the plug-in trained "
-        "without DP) use the settings benchmarks/sweep_reference.py chose on a validation split, "
-        "and their scores are cached by content after the first run. Each row says which settings "
-        "it used.",
+        "downstream task, then run the mission over the wire: the owner's state with its own PKI "
+        "(`owner init`), the bundle (`owner prepare`, with distillation), a gRPC server with mutual TLS "
+        "on 127.0.0.1 (a free port), one data owner that enrols, lists the jobs, fetches the signed "
+        "bundle, trains with DP (ε = 8, the DP defaults of `offsite client train`, within the job's "
+        "maximum and the owner's grant) and submits the adapter and its receipt; the server verifies "
+        "and accepts it and the owner plugs it in (`owner plug --submission`). Then the five settings, "
+        "and `offsite audit ledger` on the demo's own server state (owner key and the data owner's "
+        "receipt key pinned, its checkpoints). The non-private reference rows (full fine-tuning, the emulator and the plug-in "
+        "trained without DP) use the settings benchmarks/sweep_reference.py chose on a validation "
+        "split, and their scores are cached by content after the first run. Each row says which "
+        "settings it used. Exits 1 if a check or the audit fails.",
     )
     p.add_argument("--quick", action="store_true", help="a smaller, faster run (what CI runs)")
     p.add_argument("--seed", type=int, default=0, help="fine-tuning seed")
@@ -26,8 +31,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--keep",
         type=Path,
         default=None,
-        help="keep the bundle, adapters and merged models in this directory (trains the reference "
-        "rows instead of reusing cached scores, so that their models are there too)",
+        metavar="DIR",
+        help="keep the whole work directory here (new or empty): the owner's state in DIR/owner, the data "
+        "owner's credentials in DIR/client-1/keys (checkpoints in DIR/client-1/keys/checkpoints), what it "
+        "handed the auditor in DIR/auditor, the bundle, adapters and merged models (trains the reference "
+        "rows instead of reusing cached scores, so that their models are there too). Afterwards: "
+        "`offsite audit ledger DIR/owner --html report.html`",
     )
     p.add_argument(
         "--recompute-reference",
@@ -45,7 +54,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from offsite.demo.run import run_demo
     from offsite.formats.signing import UnverifiedBundleWarning
 
-    # The demo's bundle is made in this very process and handed over on disk, unsigned: no warning for that.
+    # The owner's own bundle (unsigned on its disk) is scored in this very process for the emulator rows and
+    # the reference rows: no warning for that. The data owner trains on the bundle it fetched, signed.
     with warnings.catch_warnings(), placement_from(args):  # every model of the demo runs on --device
         warnings.simplefilter("ignore", UnverifiedBundleWarning)
         return run_demo(

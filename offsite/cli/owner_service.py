@@ -417,27 +417,46 @@ def plug_inputs(args: argparse.Namespace) -> Iterator[tuple[Path, object, object
     ``--bundle DIR`` needs no owner state at all; otherwise the manifest comes from the record of
     issued bundles, and ``--submission ID`` takes an accepted submission's files from the state.
     """
+    with plug_source(
+        state_dir(args), adapter=args.adapter, submission=args.submission, bundle=args.bundle, out=args.out
+    ) as inputs:
+        yield inputs
+
+
+@contextlib.contextmanager
+def plug_source(
+    state: Path,
+    *,
+    adapter: Path | None = None,
+    submission: str | None = None,
+    bundle: Path | None = None,
+    out: Path,
+) -> Iterator[tuple[Path, object, object]]:
+    """What `owner plug` plugs, from the owner's state directory ``state``: (adapter directory, manifest
+    source, call after success: records the submission as plugged into ``out``). Give ``adapter`` or
+    ``submission`` (an accepted submission's id)."""
     from offsite.errors import OffsiteError
     from offsite.plug import manifest_from_bundle_dir
 
-    if (args.adapter is None) == (args.submission is None):
+    if (adapter is None) == (submission is None):
         raise OffsiteError("give either ADAPTER (a directory) or --submission ID, not both or neither")
-    if args.submission is None and args.bundle is not None:
-        yield args.adapter, manifest_from_bundle_dir(args.bundle), lambda: None
+    if submission is None and bundle is not None:
+        yield adapter, manifest_from_bundle_dir(bundle), lambda: None
         return
     from offsite.server import admin
+    from offsite.server.owner_state import OwnerState
 
-    with _open(args) as state:
-        manifests = manifest_from_bundle_dir(args.bundle) if args.bundle else admin.manifest_source(state)
-        if args.submission is None:
-            yield args.adapter, manifests, lambda: None
+    with OwnerState(state) as owner:
+        manifests = manifest_from_bundle_dir(bundle) if bundle else admin.manifest_source(owner)
+        if submission is None:
+            yield adapter, manifests, lambda: None
             return
         with (
-            tempfile.TemporaryDirectory(prefix=".offsite-plug-", dir=state.paths.root) as scratch,
-            admin.accepted_adapter(state, args.submission, Path(scratch)) as adapter_dir,
+            tempfile.TemporaryDirectory(prefix=".offsite-plug-", dir=owner.paths.root) as scratch,
+            admin.accepted_adapter(owner, submission, Path(scratch)) as adapter_dir,
         ):
             yield (
                 adapter_dir,
                 manifests,
-                lambda: admin.mark_plugged(state, args.submission, str(Path(args.out).resolve())),
+                lambda: admin.mark_plugged(owner, submission, str(Path(out).resolve())),
             )

@@ -51,9 +51,17 @@ class DemoSettings:
     distill_steps: int = 100
     distill_lr: float = 1e-3
     distill_batch: int = 16
-    epsilon: float = 8.0
+    epsilon: float = 8.0  # the job's maximum and the owner's grant for the data owner's dataset
+    # The grant's δ: the default δ a data owner gets for the demo's 2,880 records (size bucket 4,096:
+    # the largest power of ten at most 1/(10·4096)), so the grant changes nothing in the private run.
+    delta: float = 1e-5
     physical_batch: int = 64
 
+
+#: The demo's job, its one data owner and the dataset id its receipts name.
+JOB_ID = "demo-job"
+CLIENT_ID = "client-1"
+DATASET_ID = "demo-private-task"
 
 FULL = DemoSettings()
 # Quick: a shorter distillation only. Everything else (the private run with the DP defaults, all 1,152
