@@ -145,7 +145,10 @@ def run_demo(
                 refresh=bool(keep) or recompute_reference,
                 on_step=bar,
             )
-        with stage("ledger audit (owner key pinned, checkpoints)"), console.status("auditing the ledger…"):
+        with (
+            stage("ledger audit (owner and receipt keys pinned, checkpoints)"),
+            console.status("auditing the ledger…"),
+        ):
             ledger = audit(layout, [CLIENT_ID])
     finally:
         if not keep:
