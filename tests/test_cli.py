@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from tiny import WORDS, make_tiny_checkpoint, write_lm_records
+from tiny import WORDS, make_dp_setup, make_tiny_checkpoint, write_lm_records
 
 
 def run(*args, env, check=True):
@@ -281,3 +281,23 @@ def test_under_json_every_refusal_is_one_json_object_on_stdout(capsys, tmp_path)
         assert main(argv) == 2
         out, err = capsys.readouterr()
         assert out == "" and words in " ".join(err.split())  # however the terminal wraps it
+
+
+def test_keys_dir_is_the_one_directory_of_a_data_owners_state(tmp_path, in_process):
+    # --keys-dir on train, budget, set-budget and keys: keys, budget histories and all, in that directory;
+    # nothing under $OFFSITE_CLIENT_DIR.
+    root = make_dp_setup(tmp_path / "setup")
+    mine = tmp_path / "elsewhere"
+    in_process("client", "keys", "init", "--keys-dir", mine)
+    in_process("client", "train", root / "bundle", "--data", root / "train.jsonl", "--out", tmp_path / "a",
+               "--dataset-id", "d1", "--epsilon", "4", "--epochs", "1", "--keys-dir", mine)  # fmt: skip
+    shown = json.loads(in_process("client", "budget", "--keys-dir", mine, "--json").stdout)
+    assert [d["dataset_id"] for d in shown["datasets"]] == ["d1"]
+    in_process("client", "set-budget", "d1", "--epsilon", "5", "--delta", shown["datasets"][0]["budget"]["delta"],
+               "--keys-dir", mine)  # fmt: skip
+    shown = json.loads(in_process("client", "budget", "--keys-dir", mine, "--json").stdout)
+    assert shown["datasets"][0]["budget"]["epsilon"] == 5
+    keys = json.loads(in_process("client", "keys", "show", "--keys-dir", mine, "--json").stdout)
+    assert keys["public_key"].startswith(str(mine))
+    assert not (tmp_path / "client").exists()  # $OFFSITE_CLIENT_DIR of this test
+    assert json.loads(in_process("client", "budget", "--json").stdout)["datasets"] == []

@@ -243,7 +243,7 @@ def test_calls_over_the_rate_are_refused_per_client_and_the_client_backs_off(wor
 
 
 def test_a_client_cannot_hold_more_than_its_share_of_open_calls(world, tmp_path):
-    with serving(world, tmp_path, max_calls_per_client=1) as (_, _port, stub):
+    with serving(world, tmp_path, max_calls_per_client=1) as (server, _port, stub):
         alice, bob = stub(), stub("bob")
         data = payload(world.adapter)
         sid = begin(world, alice, world.adapter).submission_id
@@ -258,6 +258,9 @@ def test_a_client_cannot_hold_more_than_its_share_of_open_calls(world, tmp_path)
         t = threading.Thread(target=lambda: outcome.update(r=write(alice, held_open())))
         t.start()
         try:
+            # Probe only once the stream holds alice's one slot: a probe sent earlier could take the slot
+            # first and get the stream itself refused.
+            wait_for(lambda: server.registry.open_calls() == 1)
             wait_for(lambda: _refused_as_busy(alice))
             refused(
                 lambda: alice.ListJobs(pb.ListJobsRequest(), timeout=10),

@@ -100,6 +100,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dataset_id", metavar="DATASET_ID", help="the dataset whose budget to set")
     p.add_argument("--epsilon", type=float, required=True, help="the dataset's total ε budget")
     p.add_argument("--delta", type=float, required=True, help="the δ at which every run on it is accounted")
+    p.add_argument("--keys-dir", type=Path, default=None, help=client_service.KEYS_DIR_HELP)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_set_budget)
 
@@ -173,12 +174,7 @@ def add_dp_arguments(p: argparse.ArgumentParser) -> None:
         default=32,
         help="records per forward/backward; bounds memory (default 32)",
     )
-    g.add_argument(
-        "--keys-dir",
-        type=Path,
-        default=None,
-        help="signing key and salt (default: the client credentials directory)",
-    )
+    g.add_argument("--keys-dir", type=Path, default=None, help=client_service.KEYS_DIR_HELP)
     g.add_argument(
         "--no-dp", action="store_true", help="train WITHOUT differential privacy (not recommended)"
     )
@@ -186,7 +182,6 @@ def add_dp_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from offsite import state
     from offsite.cli.progress import step_bar
     from offsite.tune import TuneOptions, tune
 
@@ -230,9 +225,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         inherit=tuple(args.inherit),
         new_budget=args.new_budget,
         noise_seed=args.insecure_noise_seed,
-        keys_dir=args.keys_dir or state.client_dir(),
-        budget_dir=state.client_dir(),
-        bundle_owner_key=client_service.enrolled_owner_key(args.keys_dir or state.client_dir()),
+        keys_dir=client_service.keys_dir(args),
+        budget_dir=client_service.keys_dir(args),  # one directory holds all of this data owner's state
+        bundle_owner_key=client_service.enrolled_owner_key(client_service.keys_dir(args)),
     )
     opts.validate()  # before anything is loaded or reserved (tune checks again)
 
@@ -320,10 +315,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_budget(args: argparse.Namespace) -> int:
     if args.server is not None:
         return client_service.cmd_server_budget(args)
-    from offsite import state
     from offsite.privacy import accounting, history
 
-    client_dir = state.client_dir()
+    client_dir = client_service.keys_dir(args)
     ids = [history.validate_dataset_id(d) for d in args.dataset_ids] or history.dataset_ids(client_dir)
     delta = None if args.delta is None else accounting.validate_delta(args.delta, "--delta")
     rows = []
@@ -383,11 +377,10 @@ def cmd_budget(args: argparse.Namespace) -> int:
 
 
 def cmd_set_budget(args: argparse.Namespace) -> int:
-    from offsite import state
     from offsite.privacy import history
 
     dataset_id = history.validate_dataset_id(args.dataset_id)
-    budget, spent = history.set_budget(dataset_id, args.epsilon, args.delta, state.client_dir())
+    budget, spent = history.set_budget(dataset_id, args.epsilon, args.delta, client_service.keys_dir(args))
     info = {
         "dataset_id": dataset_id,
         "budget": {"epsilon": budget.epsilon, "delta": budget.delta},

@@ -15,8 +15,15 @@ from pathlib import Path
 
 from offsite.cli.ui import console, err_console, print_json, table, warn
 
+#: What --keys-dir means on every client command: one directory for everything of this data owner.
+KEYS_DIR_HELP = (
+    "the data owner's credentials directory: keys, enrolment, budget histories, ledger checkpoints "
+    "(default: $OFFSITE_CLIENT_DIR, else the user config directory)"
+)
 
-def _keys_dir(args: argparse.Namespace) -> Path:
+
+def keys_dir(args: argparse.Namespace) -> Path:
+    """The data owner's credentials directory of a client command (``--keys-dir``, else the default)."""
     value = getattr(args, "keys_dir", None) or getattr(args, "dir", None)
     if value is not None:
         return Path(value)
@@ -26,12 +33,7 @@ def _keys_dir(args: argparse.Namespace) -> Path:
 
 
 def _connection_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--keys-dir",
-        type=Path,
-        default=None,
-        help="the data owner's credentials (default: $OFFSITE_CLIENT_DIR, else the user config directory)",
-    )
+    p.add_argument("--keys-dir", type=Path, default=None, help=KEYS_DIR_HELP)
     p.add_argument(
         "--server",
         default=None,
@@ -57,12 +59,7 @@ def _server_option(p: argparse.ArgumentParser, what: str) -> None:
 def add_budget_server_arguments(p: argparse.ArgumentParser) -> None:
     """`client budget --server [HOST:PORT] [--keys-dir DIR]`."""
     _server_option(p, "show what the owner's ledger has recorded for your datasets and what remains")
-    p.add_argument(
-        "--keys-dir",
-        type=Path,
-        default=None,
-        help="with --server: the data owner's credentials (default: $OFFSITE_CLIENT_DIR)",
-    )
+    p.add_argument("--keys-dir", type=Path, default=None, help=KEYS_DIR_HELP)
 
 
 def add_train_server_arguments(p: argparse.ArgumentParser) -> None:
@@ -142,7 +139,7 @@ def register_keys(cmds: argparse._SubParsersAction) -> None:
         "(made now if there is none, 0600) and the receipt-signing public key, signed by the receipt key. "
         "Send it to the model owner (`offsite owner enrol`); no private key is in it.",
     )
-    p.add_argument("--dir", "--keys-dir", dest="dir", type=Path, default=None, help="credentials directory")
+    p.add_argument("--dir", "--keys-dir", dest="dir", type=Path, default=None, help=KEYS_DIR_HELP)
     p.add_argument("--json", action="store_true", help="print the path as JSON")
     p.set_defaults(func=cmd_keys_request)
 
@@ -154,7 +151,7 @@ def register_keys(cmds: argparse._SubParsersAction) -> None:
         "enrolled this machine's receipt key. Replaces an earlier package.",
     )
     p.add_argument("package", type=Path, metavar="DIR", help="the enrolment package directory the owner sent")
-    p.add_argument("--dir", "--keys-dir", dest="dir", type=Path, default=None, help="credentials directory")
+    p.add_argument("--dir", "--keys-dir", dest="dir", type=Path, default=None, help=KEYS_DIR_HELP)
     p.add_argument("--json", action="store_true", help="print the enrolment as JSON")
     p.set_defaults(func=cmd_keys_install)
 
@@ -182,7 +179,7 @@ def enrolled_owner_key(keys_dir: Path):
 def cmd_keys_request(args: argparse.Namespace) -> int:
     from offsite.client import identity
 
-    path = identity.write_request(_keys_dir(args))
+    path = identity.write_request(keys_dir(args))
     if args.json:
         print_json({"enrolment_request": str(path)})
         return 0
@@ -196,7 +193,7 @@ def cmd_keys_request(args: argparse.Namespace) -> int:
 def cmd_keys_install(args: argparse.Namespace) -> int:
     from offsite.client import identity
 
-    info = identity.install(_keys_dir(args), args.package)
+    info = identity.install(keys_dir(args), args.package)
     if args.json:
         print_json(info.model_dump())
         return 0
@@ -212,7 +209,7 @@ def _client(args: argparse.Namespace):
     from offsite.wire import transport
 
     transport.tune_allocator()
-    keys = _keys_dir(args)
+    keys = keys_dir(args)
     credentials = identity.load_credentials(keys)
 
     def on_retry(reason: str, delay: float) -> None:
@@ -376,7 +373,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from offsite.client.transfers import remembered_submissions
 
-    ids = list(args.submission_ids) or [s["submission_id"] for s in remembered_submissions(_keys_dir(args))]
+    ids = list(args.submission_ids) or [s["submission_id"] for s in remembered_submissions(keys_dir(args))]
     if not ids:
         if args.json:
             print_json({"submissions": []})
@@ -446,7 +443,6 @@ def _budget_json(view) -> dict:
 
 def cmd_server_budget(args: argparse.Namespace) -> int:
     """`client budget --server`: the server's ledger for this data owner's datasets, beside this machine's."""
-    from offsite import state
     from offsite.privacy import history, ledger_budget
 
     wanted = [history.validate_dataset_id(d) for d in args.dataset_ids]
@@ -455,7 +451,7 @@ def cmd_server_budget(args: argparse.Namespace) -> int:
     views = [v for response, _, _ in responses for v in response.datasets]
     kept = [k for _, k, _ in responses if k is not None]
     problems = [p for _, _, p in responses if p]
-    client_dir = state.client_dir()
+    client_dir = keys_dir(args)
     rows = []
     for view in views:
         row = _budget_json(view)
@@ -519,7 +515,6 @@ def cmd_server_budget(args: argparse.Namespace) -> int:
 def server_limits(args: argparse.Namespace) -> dict:
     """For `client train --server --job`: the run's target ε (the smallest of the limits) and δ (the
     grant's), after checking that this machine knows every run the server's ledger holds."""
-    from offsite import state
     from offsite.errors import OffsiteError
 
     if not args.job:
@@ -530,7 +525,7 @@ def server_limits(args: argparse.Namespace) -> dict:
         raise OffsiteError("--server needs --dataset-id: grants are per dataset")
     with _client(args) as c:
         return limits_from_server(
-            c, args.job, args.dataset_id, state.client_dir(), epsilon=args.epsilon, delta=args.delta
+            c, args.job, args.dataset_id, keys_dir(args), epsilon=args.epsilon, delta=args.delta
         )
 
 

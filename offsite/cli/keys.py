@@ -34,10 +34,7 @@ def register_keys(client_subparsers: argparse._SubParsersAction) -> None:
         "never replaced while histories are in force.",
     )
     p.add_argument(
-        "--dir",
-        type=Path,
-        default=None,
-        help="the credentials directory (default: the data owner's config directory, or $OFFSITE_CLIENT_DIR)",
+        "--dir", "--keys-dir", dest="dir", type=Path, default=None, help=client_service.KEYS_DIR_HELP
     )
     p.add_argument(
         "--force",
@@ -69,7 +66,9 @@ def register_keys(client_subparsers: argparse._SubParsersAction) -> None:
         description="The public key in force (the file to give whoever audits your receipts) and its "
         "sha256 fingerprint. Checks that it is the private key's.",
     )
-    p.add_argument("--dir", type=Path, default=None, help="the credentials directory (default as for init)")
+    p.add_argument(
+        "--dir", "--keys-dir", dest="dir", type=Path, default=None, help=client_service.KEYS_DIR_HELP
+    )
     p.add_argument("--json", action="store_true", help="print paths and fingerprint as JSON")
     p.set_defaults(func=cmd_keys_show)
 
