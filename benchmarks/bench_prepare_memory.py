@@ -38,11 +38,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))  # big.py: the memory sampler the load tests use too
+from big import AnonPeak, proc_status  # noqa: E402
 
 
 # --------------------------------------------------------------------------- the checkpoint
@@ -127,33 +128,8 @@ def write_synthetic_checkpoint(
 
 # --------------------------------------------------------------------------- measuring
 def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
-class AnonPeak:
-    """The peak of ``RssAnon``, sampled by a background thread every ``interval`` seconds."""
-
-    def __init__(self, interval: float = 0.002):
-        self.interval, self.peak, self._stop = interval, _status("RssAnon:"), threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _status("RssAnon:"))
-            time.sleep(self.interval)
-
-    def __enter__(self) -> AnonPeak:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _status("RssAnon:"))
+    """A size from this process's ``/proc/self/status``, in bytes."""
+    return proc_status(os.getpid(), key.rstrip(":")) * 1024
 
 
 def reset_hwm() -> None:
@@ -235,14 +211,14 @@ def worker(mode: str, checkpoint: Path, out: Path, lora_rank: int = 0, warm: boo
     warm_anon = _status("RssAnon:")
     reset_hwm()
     start = time.perf_counter()
-    with AnonPeak() as peak:
+    with AnonPeak(os.getpid(), interval=0.002) as peak:
         run(checkpoint, out)
     seconds = time.perf_counter() - start
     return {
         "mode": mode,
         "baseline_anon": baseline,
         "warm_anon": warm_anon,
-        "peak_anon": peak.peak,
+        "peak_anon": peak.peak * 1024,
         "vmhwm": _status("VmHWM:"),
         "seconds": seconds,
         "written": sum(p.stat().st_size for p in out.rglob("*") if p.is_file()),
