@@ -183,78 +183,13 @@ def add_dp_arguments(p: argparse.ArgumentParser) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from offsite.cli.progress import step_bar
-    from offsite.tune import TuneOptions, tune
+    from offsite.tune import tune
 
-    if args.no_dp:
-        err_console.print(
-            "[bold red on yellow] DIFFERENTIAL PRIVACY IS OFF [/bold red on yellow] "
-            "[bold]the adapter can memorise and leak individual training records; "
-            "no privacy receipt is written.[/bold]"
-        )
-    if args.insecure_noise_seed is not None:
-        err_console.print(
-            "[bold red]noise is seeded (test only): this run is NOT private; the receipt says so[/bold red]"
-        )
-    limits = None
-    if args.server is not None:  # the job's maximum and the owner's grant are limits too
-        limits = client_service.server_limits(args)
-        args.epsilon, args.delta = limits["epsilon"], limits["delta"]
-        err_console.print(
-            f"target ε = {limits['epsilon']:g} at δ = {limits['delta']:g}, the smallest of: "
-            + ", ".join(f"{name} {value:g}" for name, value in limits["limits"].items())
-        )
-    # Hyperparameters not given: under DP the DP defaults choose them once the data's size bucket is
-    # known; without DP TuneOptions' own defaults apply.
-    given = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size}
-    opts = TuneOptions(
-        **{name: value for name, value in given.items() if value is not None},
-        dp_defaults_for=tuple(name for name, value in given.items() if value is None)
-        if not args.no_dp
-        else (),
-        seed=args.seed,
-        eval_data=args.eval_data,
-        eval_fraction=args.eval_fraction,
-        max_length=args.max_length,
-        dp=not args.no_dp,
-        dataset_id=args.dataset_id,
-        epsilon=args.epsilon,
-        delta=args.delta,
-        noise_multiplier=args.noise_multiplier,
-        max_grad_norm=args.max_grad_norm,
-        physical_batch_size=args.physical_batch_size,
-        inherit=tuple(args.inherit),
-        new_budget=args.new_budget,
-        noise_seed=args.insecure_noise_seed,
-        keys_dir=client_service.keys_dir(args),
-        budget_dir=client_service.keys_dir(args),  # one directory holds all of this data owner's state
-        bundle_owner_key=client_service.enrolled_owner_key(client_service.keys_dir(args)),
-    )
+    _say_what_is_not_private(args)
+    limits = _apply_server_limits(args)
+    opts = _tune_options(args)
     opts.validate()  # before anything is loaded or reserved (tune checks again)
-
-    def on_plan(plan) -> None:
-        err_console.print(
-            f"DP plan: σ={plan.noise_multiplier:.4f}, q={plan.sample_rate:.4g} "
-            f"(= {plan.nominal_batch}/{plan.size_bucket}, size bucket {plan.size_bucket}), "
-            f"steps={plan.steps}, C={plan.max_grad_norm:g}, δ={plan.delta:g}"
-        )
-        if plan.noise_multiplier > 10:
-            warn(
-                f"the budget left for this dataset only allows σ={plan.noise_multiplier:.1f}: the noise will "
-                "swamp the gradient and the adapter will learn almost nothing"
-            )
-
     chosen_defaults: dict = {}
-
-    def on_defaults(d) -> None:
-        chosen_defaults.update(d.to_json())
-        picked = ", ".join(f"--{n.replace('_', '-')}" for n in opts.dp_defaults_for)
-        err_console.print(f"{d.summary()}; used for {picked} (flags you give win)")
-        if d.warning:
-            warn(d.warning)
-
-    def on_eval(epoch: int, loss: float) -> None:
-        err_console.print(f"epoch {epoch}: eval loss {loss:.4f}")
-
     with placement_from(args), step_bar("training adapter" + ("" if opts.dp else " (NO DP)")) as bar:
         result = tune(
             args.bundle,
@@ -262,11 +197,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             args.out,
             opts,
             on_step=bar,
-            on_eval=on_eval,
-            on_plan=on_plan,
+            on_eval=lambda epoch, loss: err_console.print(f"epoch {epoch}: eval loss {loss:.4f}"),
+            on_plan=_show_plan,
             on_total=bar.set_total,
             on_warning=warn,
-            on_defaults=on_defaults,
+            on_defaults=lambda d: _show_defaults(d, opts.dp_defaults_for, chosen_defaults),
         )
     if args.json:
         print_json(
@@ -282,7 +217,90 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "server_limits": limits,
             }
         )
-        return 0
+    else:
+        _print_trained(args, result)
+    return 0
+
+
+def _say_what_is_not_private(args: argparse.Namespace) -> None:
+    if args.no_dp:
+        err_console.print(
+            "[bold red on yellow] DIFFERENTIAL PRIVACY IS OFF [/bold red on yellow] "
+            "[bold]the adapter can memorise and leak individual training records; "
+            "no privacy receipt is written.[/bold]"
+        )
+    if args.insecure_noise_seed is not None:
+        err_console.print(
+            "[bold red]noise is seeded (test only): this run is NOT private; the receipt says so[/bold red]"
+        )
+
+
+def _apply_server_limits(args: argparse.Namespace) -> dict | None:
+    """With --server: the job's maximum and the owner's grant are limits too; the target becomes the
+    smallest of them (and the grant's δ)."""
+    if args.server is None:
+        return None
+    limits = client_service.server_limits(args)
+    args.epsilon, args.delta = limits["epsilon"], limits["delta"]
+    err_console.print(
+        f"target ε = {limits['epsilon']:g} at δ = {limits['delta']:g}, the smallest of: "
+        + ", ".join(f"{name} {value:g}" for name, value in limits["limits"].items())
+    )
+    return limits
+
+
+def _tune_options(args: argparse.Namespace):
+    from offsite.tune import TuneOptions
+
+    # Hyperparameters not given: under DP the DP defaults choose them once the data's size bucket is
+    # known; without DP TuneOptions' own defaults apply.
+    given = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size}
+    keys = client_service.keys_dir(args)
+    return TuneOptions(
+        **{name: value for name, value in given.items() if value is not None},
+        dp_defaults_for=() if args.no_dp else tuple(name for name, value in given.items() if value is None),
+        seed=args.seed,
+        eval_data=args.eval_data,
+        eval_fraction=args.eval_fraction,
+        max_length=args.max_length,
+        dp=not args.no_dp,
+        dataset_id=args.dataset_id,
+        epsilon=args.epsilon,
+        delta=args.delta,
+        noise_multiplier=args.noise_multiplier,
+        max_grad_norm=args.max_grad_norm,
+        physical_batch_size=args.physical_batch_size,
+        inherit=tuple(args.inherit),
+        new_budget=args.new_budget,
+        noise_seed=args.insecure_noise_seed,
+        keys_dir=keys,
+        budget_dir=keys,  # one directory holds all of this data owner's state
+        bundle_owner_key=client_service.enrolled_owner_key(keys),
+    )
+
+
+def _show_plan(plan) -> None:
+    err_console.print(
+        f"DP plan: σ={plan.noise_multiplier:.4f}, q={plan.sample_rate:.4g} "
+        f"(= {plan.nominal_batch}/{plan.size_bucket}, size bucket {plan.size_bucket}), "
+        f"steps={plan.steps}, C={plan.max_grad_norm:g}, δ={plan.delta:g}"
+    )
+    if plan.noise_multiplier > 10:
+        warn(
+            f"the budget left for this dataset only allows σ={plan.noise_multiplier:.1f}: the noise will "
+            "swamp the gradient and the adapter will learn almost nothing"
+        )
+
+
+def _show_defaults(d, used_for: tuple[str, ...], chosen: dict) -> None:
+    chosen.update(d.to_json())
+    picked = ", ".join(f"--{n.replace('_', '-')}" for n in used_for)
+    err_console.print(f"{d.summary()}; used for {picked} (flags you give win)")
+    if d.warning:
+        warn(d.warning)
+
+
+def _print_trained(args: argparse.Namespace, result) -> None:
     if result.eval_losses:
         console.print(
             table(
@@ -309,7 +327,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
         console.print(f"signed receipt: {args.out / 'receipt.json'}")
     console.print(f"[green]adapter written[/green] to {args.out}")
-    return 0
 
 
 def cmd_budget(args: argparse.Namespace) -> int:
