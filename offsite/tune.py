@@ -276,10 +276,21 @@ def tune(
             raise ValueError("a DP run needs TuneOptions.keys_dir and budget_dir (see offsite.state)")
         _clear_finished_state(out)
     # ``out`` is claimed before any work, so a second run on the same ``out`` fails at once.
+    callbacks = _Callbacks(on_step, on_eval, on_plan, on_total, on_warning, on_defaults)
     with claim_output(out) as claim:
-        return _tune(
-            claim, bundle_dir, data, opts, on_step, on_eval, on_plan, on_total, on_warning, on_defaults
-        )
+        return _tune(claim, bundle_dir, data, opts, callbacks)
+
+
+@dataclass(frozen=True)
+class _Callbacks:
+    """What ``tune`` reports as it goes (each optional); see ``tune``'s parameters."""
+
+    on_step: Callable[[int, float], None] | None = None
+    on_eval: Callable[[int, float], None] | None = None
+    on_plan: Callable[[DPPlan], None] | None = None
+    on_total: Callable[[int], None] | None = None
+    on_warning: Callable[[str], None] | None = None
+    on_defaults: Callable[[DPDefaults], None] | None = None
 
 
 def _tune(
@@ -287,22 +298,14 @@ def _tune(
     bundle_dir: str | os.PathLike,
     data: str | os.PathLike,
     opts: TuneOptions,
-    on_step: Callable[[int, float], None] | None,
-    on_eval: Callable[[int, float], None] | None,
-    on_plan: Callable[[DPPlan], None] | None,
-    on_total: Callable[[int], None] | None,
-    on_warning: Callable[[str], None] | None,
-    on_defaults: Callable[[DPDefaults], None] | None,
+    cb: _Callbacks,
 ) -> TuneResult:
-    out = claim.path
     keys = DataOwnerKeys.load(opts.keys_dir) if opts.dp else None
     inputs = load_for_tuning(bundle_dir, data, opts)
     if opts.dp and opts.dp_defaults_for:
-        opts = _with_dp_defaults(opts, len(inputs.train), inputs.bundle.spec.kind, on_defaults)
+        opts = _with_dp_defaults(opts, len(inputs.train), inputs.bundle.spec.kind, cb.on_defaults)
     torch.manual_seed(opts.seed)
-    shift = inputs.bundle.task is Task.CAUSAL_LM
-    pad = inputs.tokenizer.pad_token_id
-    result = TuneResult(out, inputs.bundle.id)
+    result = TuneResult(claim.path, inputs.bundle.id)
     hyper = {
         "epochs": opts.epochs,
         "lr": opts.lr,
@@ -314,36 +317,60 @@ def _tune(
 
     def on_epoch(epoch: int) -> None:
         if inputs.eval:
-            loss = mean_loss(inputs.model, inputs.eval, pad, shift)
+            loss = mean_loss(inputs.model, inputs.eval, inputs.tokenizer.pad_token_id, _shift(inputs))
             result.eval_losses.append((epoch + 1, loss))
-            if on_eval:
-                on_eval(epoch + 1, loss)
+            if cb.on_eval:
+                cb.on_eval(epoch + 1, loss)
 
-    if not opts.dp:
-        if on_total:
-            on_total(opts.epochs * -(-len(inputs.train) // opts.batch_size))
-        cfg = TrainConfig(epochs=opts.epochs, lr=opts.lr, batch_size=opts.batch_size, seed=opts.seed)
-        train(
-            inputs.model,
-            inputs.view.named_parameters().values(),
-            inputs.train,
-            cfg,
-            pad_id=pad,
-            shift=shift,
-            on_step=on_step,
-            on_epoch=on_epoch,
-        )
-        tensors = _finite_adapter(inputs, "")
-        with claim.staged() as stage:
-            _write_adapter(stage, inputs, tensors, hyper)
-        return result
+    if opts.dp:
+        _tune_private(claim, inputs, opts, keys, hyper, result, cb, on_epoch)
+    else:
+        _tune_plain(claim, inputs, opts, hyper, cb, on_epoch)
+    return result
 
+
+def _shift(inputs: TuneInputs) -> bool:
+    """Whether the loss predicts the next token (causal LMs) rather than the token in place."""
+    return inputs.bundle.task is Task.CAUSAL_LM
+
+
+def _tune_plain(
+    claim: OutputClaim, inputs: TuneInputs, opts: TuneOptions, hyper: dict, cb: _Callbacks, on_epoch
+) -> None:
+    """Without DP: plain fine-tuning, and the adapter written (no receipt)."""
+    if cb.on_total:
+        cb.on_total(opts.epochs * -(-len(inputs.train) // opts.batch_size))
+    cfg = TrainConfig(epochs=opts.epochs, lr=opts.lr, batch_size=opts.batch_size, seed=opts.seed)
+    train(
+        inputs.model,
+        inputs.view.named_parameters().values(),
+        inputs.train,
+        cfg,
+        pad_id=inputs.tokenizer.pad_token_id,
+        shift=_shift(inputs),
+        on_step=cb.on_step,
+        on_epoch=on_epoch,
+    )
+    tensors = _finite_adapter(inputs, "")
+    with claim.staged() as stage:
+        _write_adapter(stage, inputs, tensors, hyper)
+
+
+def _tune_private(
+    claim: OutputClaim,
+    inputs: TuneInputs,
+    opts: TuneOptions,
+    keys: DataOwnerKeys,
+    hyper: dict,
+    result: TuneResult,
+    cb: _Callbacks,
+    on_epoch,
+) -> None:
+    """Under DP: reserve (or resume), train, then the adapter and its signed receipt written as one unit."""
     fingerprint = dataset_fingerprint([r.raw for r in inputs.records], keys.salt)
-    state = DPTrainState(state_dir_for(out))
+    state = DPTrainState(state_dir_for(claim.path))
     with _run_lock(state.directory):
-        plan = _train_private(
-            inputs, opts, fingerprint, hyper, state, result, on_step, on_epoch, on_plan, on_total, on_warning
-        )
+        plan = _train_private(inputs, opts, fingerprint, state, result, cb, on_epoch)
         hyper.update(
             {
                 "max_grad_norm": plan.max_grad_norm,
@@ -365,27 +392,42 @@ def _tune(
             raise
         with claim.staged() as stage:
             meta = _write_adapter(stage, inputs, tensors, hyper)
-            receipt = build_receipt(
-                run_history=[plan.entry(plan.steps)],
-                # Its own runs and every inherited dataset's, with their run ids.
-                cumulative_history=history.cumulative_history(opts.dataset_id, opts.budget_dir),
-                delta=plan.delta,
-                max_grad_norm=plan.max_grad_norm,
-                size_bucket=plan.size_bucket,
-                nominal_batch=plan.nominal_batch,
-                budget=history.budget_for_receipt(opts.dataset_id, opts.budget_dir),
-                dataset_id=opts.dataset_id,
-                dataset_fingerprint=fingerprint,
-                adapter_sha256=meta["sha256"][TENSORS_FILE],
-                bundle_id=inputs.bundle.id,
-                signer_public_key=keys.private_key.public_key(),
-                run_id=result.run_id,
-                noise_seeded=opts.noise_seed is not None,
+            result.receipt = _signed_receipt(
+                stage, inputs, opts, keys, plan, fingerprint, meta, result.run_id
             )
-            write_receipt(stage, receipt, keys.private_key)
-            result.receipt = receipt
         _remove_state(state.directory)
-    return result
+
+
+def _signed_receipt(
+    stage: Path,
+    inputs: TuneInputs,
+    opts: TuneOptions,
+    keys: DataOwnerKeys,
+    plan: DPPlan,
+    fingerprint: str,
+    meta: dict,
+    run_id: str,
+) -> dict:
+    """The run's receipt, signed and written into ``stage`` beside the adapter; returned."""
+    receipt = build_receipt(
+        run_history=[plan.entry(plan.steps)],
+        # Its own runs and every inherited dataset's, with their run ids.
+        cumulative_history=history.cumulative_history(opts.dataset_id, opts.budget_dir),
+        delta=plan.delta,
+        max_grad_norm=plan.max_grad_norm,
+        size_bucket=plan.size_bucket,
+        nominal_batch=plan.nominal_batch,
+        budget=history.budget_for_receipt(opts.dataset_id, opts.budget_dir),
+        dataset_id=opts.dataset_id,
+        dataset_fingerprint=fingerprint,
+        adapter_sha256=meta["sha256"][TENSORS_FILE],
+        bundle_id=inputs.bundle.id,
+        signer_public_key=keys.private_key.public_key(),
+        run_id=run_id,
+        noise_seeded=opts.noise_seed is not None,
+    )
+    write_receipt(stage, receipt, keys.private_key)
+    return receipt
 
 
 def _finite_adapter(inputs: TuneInputs, consequence: str) -> dict[str, torch.Tensor]:
@@ -525,18 +567,51 @@ def _train_private(
     inputs: TuneInputs,
     opts: TuneOptions,
     fingerprint: str,
-    hyper: dict,
     state: DPTrainState,
     result: TuneResult,
-    on_step,
+    cb: _Callbacks,
     on_epoch,
-    on_plan,
-    on_total,
-    on_warning,
 ) -> DPPlan:
     """Reserve (or resume under its reservation) and run DP-SGD; fills ``result``'s plan, run id and
     ``resumed_from``."""
     identity = run_identity(inputs, opts, fingerprint, result.adapter_dir)
+    params = inputs.view.named_parameters()
+    run_id, plan = _reserve_or_resume(inputs, opts, identity, state, params, result, cb.on_warning)
+    result.run_id, result.plan = run_id, plan
+    if cb.on_plan:
+        cb.on_plan(plan)
+    if cb.on_total:
+        cb.on_total(plan.steps)
+    train_dp(
+        inputs.model,
+        params,
+        inputs.train,
+        plan,
+        lr=opts.lr,
+        pad_id=inputs.tokenizer.pad_token_id,
+        shift=_shift(inputs),
+        physical_batch_size=opts.physical_batch_size,
+        state=state,
+        identity=_state_identity(identity, run_id, plan),
+        noise_seed=opts.noise_seed,
+        checkpoint_every=opts.checkpoint_every,
+        on_step=cb.on_step,
+        on_epoch=on_epoch,
+    )
+    return plan
+
+
+def _reserve_or_resume(
+    inputs: TuneInputs,
+    opts: TuneOptions,
+    identity: dict,
+    state: DPTrainState,
+    params,
+    result: TuneResult,
+    on_warning: Callable[[str], None] | None,
+) -> tuple[str, DPPlan]:
+    """The run id and plan: an interrupted run's, confirmed under its reservation, or a new run's, with
+    its budget reserved (after the step-0 checkpoint, so a crash from then on resumes under it)."""
     request = reservation.Request(
         epsilon=opts.epsilon,
         delta=opts.delta,
@@ -544,7 +619,6 @@ def _train_private(
         inherit=tuple(opts.inherit),
         new_budget=opts.new_budget,
     )
-    params = inputs.view.named_parameters()
     if state.exists():
         # An interrupted run resumes with its run id, plan and reservation; its steps are never reset.
         run_id, plan, step = _interrupted_run(state, identity)
@@ -557,62 +631,41 @@ def _train_private(
             on_warning=on_warning,
         )
         result.resumed_from = step
-    else:
-        run_id = uuid.uuid4().hex
+        return run_id, plan
+    run_id = uuid.uuid4().hex
 
-        def plan_for(target: reservation.Target) -> reservation.Planned[DPPlan]:
-            p = make_plan(
-                len(inputs.train),
-                opts.batch_size,
-                opts.epochs,
-                prior_history=target.prior,
-                epsilon=target.epsilon,
-                delta=target.delta,
-                noise_multiplier=opts.noise_multiplier,
-                max_grad_norm=opts.max_grad_norm,
-            )
-            # The receipt states ε by both accountants for this run and for the composition: compute
-            # them now (they are cached for the receipt), so that an accountant that cannot refuses the
-            # run before anything is reserved, not after training.
-            accounting.epsilon([p.entry(p.steps)], p.delta)
-            accounting.epsilon([*target.prior, p.entry(p.steps)], p.delta)
-            return reservation.Planned(p.entry(p.steps), p.delta, p)
-
-        def commit_step_zero(p: DPPlan) -> None:
-            # Before the reservation is written: a crash from here on resumes under it.
-            state.save(_state_identity(identity, run_id, p), 0, params, None)
-
-        plan = reservation.reserve(
-            opts.dataset_id,
-            run_id,
-            request,
-            plan_for,
-            opts.budget_dir,
-            before_record=commit_step_zero,
-            on_warning=on_warning,
+    def plan_for(target: reservation.Target) -> reservation.Planned[DPPlan]:
+        p = make_plan(
+            len(inputs.train),
+            opts.batch_size,
+            opts.epochs,
+            prior_history=target.prior,
+            epsilon=target.epsilon,
+            delta=target.delta,
+            noise_multiplier=opts.noise_multiplier,
+            max_grad_norm=opts.max_grad_norm,
         )
-    result.run_id, result.plan = run_id, plan
-    if on_plan:
-        on_plan(plan)
-    if on_total:
-        on_total(plan.steps)
-    train_dp(
-        inputs.model,
-        params,
-        inputs.train,
-        plan,
-        lr=opts.lr,
-        pad_id=inputs.tokenizer.pad_token_id,
-        shift=inputs.bundle.task is Task.CAUSAL_LM,
-        physical_batch_size=opts.physical_batch_size,
-        state=state,
-        identity=_state_identity(identity, run_id, plan),
-        noise_seed=opts.noise_seed,
-        checkpoint_every=opts.checkpoint_every,
-        on_step=on_step,
-        on_epoch=on_epoch,
+        # The receipt states ε by both accountants for this run and for the composition: compute
+        # them now (they are cached for the receipt), so that an accountant that cannot refuses the
+        # run before anything is reserved, not after training.
+        accounting.epsilon([p.entry(p.steps)], p.delta)
+        accounting.epsilon([*target.prior, p.entry(p.steps)], p.delta)
+        return reservation.Planned(p.entry(p.steps), p.delta, p)
+
+    def commit_step_zero(p: DPPlan) -> None:
+        # Before the reservation is written: a crash from here on resumes under it.
+        state.save(_state_identity(identity, run_id, p), 0, params, None)
+
+    plan = reservation.reserve(
+        opts.dataset_id,
+        run_id,
+        request,
+        plan_for,
+        opts.budget_dir,
+        before_record=commit_step_zero,
+        on_warning=on_warning,
     )
-    return plan
+    return run_id, plan
 
 
 def _state_identity(identity: dict, run_id: str, plan: DPPlan) -> dict:
