@@ -8,7 +8,7 @@ One training run in the game of ``offsite.privacy.canaries`` (Steinke, Nasr and 
    tokenizer (for a classifier, with a uniformly random label): nothing but memorising it makes its loss
    fall more than that of the canaries left out, so its loss is a clean membership signal.
 2. **Training through the same code path as a data owner's run**: ``offsite.training.dp.train_dp`` on the
-   bundle's emulator and initial adapter (Poisson sampling and noise from ChaCha20 keyed from the OS,
+   bundle's emulator and initial adapter (Poisson sampling and noise from ChaCha20 keyed from `os.urandom`,
    per-sample clipping, division by the nominal batch, AdamW), with the plan (σ, q, steps, C, δ, nominal
    batch, size bucket) of a receipt or of explicit settings. The size of the audit set must lie in the
    plan's size bucket, as in a real run, so that q·N (the expected batch) means what it meant there.
@@ -208,7 +208,7 @@ class AuditOptions:
     canary_words: int = stats.DEFAULT_CANARY_WORDS
     lr: float = stats.DEFAULT_LR
     physical_batch_size: int = stats.DEFAULT_PHYSICAL_BATCH
-    seed: int | None = None  # canaries' content and inclusion; None: drawn from the OS (and reported)
+    seed: int | None = None  # canaries' content and inclusion; None: drawn with `secrets` (and reported)
     confidence: float = stats.CONFIDENCE
     data: Path | None = None  # the auditor's public filler records; None: random ones
 

@@ -200,8 +200,8 @@ def register_canaries(cmds: argparse._SubParsersAction) -> None:
         "--seed",
         type=int,
         default=None,
-        help="canaries' words and inclusion (default: from the OS; reported). Sampling and noise always come "
-        "from the OS",
+        help="canaries' words and inclusion (default: drawn with Python's secrets module; reported). Sampling "
+        "and noise always come from a ChaCha20 stream keyed afresh from os.urandom",
     )
     p.add_argument("--json", action="store_true", help="print a machine-readable report")
     from offsite.cli.placement import add_placement_arguments

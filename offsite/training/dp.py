@@ -133,7 +133,8 @@ def make_plan(
 
 
 def noise_stream(noise_seed: int | None) -> ChaChaStream:
-    """The run's source of noise and sampling: a fresh key from the OS, or (tests only) a seed."""
+    """The run's source of noise and sampling: a ChaCha20 stream keyed afresh from os.urandom, or (tests
+    only) from a seed."""
     return ChaChaStream.from_os() if noise_seed is None else ChaChaStream.insecure_from_seed(noise_seed)
 
 
