@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from offsite import state
 from offsite.data import LM, MC, read_records
 from offsite.demo import corpus
 from offsite.demo.model import PretrainRecipe, build_demo_owner, cached_demo
@@ -74,7 +75,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 def demo_root() -> Path:
     recipe = PretrainRecipe()
-    return cached_demo(recipe) or build_demo_owner(recipe)
+    cache = state.demo_cache_dir()  # the demo's own cache: the same model
+    return cached_demo(recipe, cache) or build_demo_owner(recipe, cache)
 
 
 #: Where prepared bundles are kept (--bundles); None: the run's scratch directory.

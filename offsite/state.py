@@ -1,7 +1,7 @@
 """Where each role keeps its state on disk: the one module that knows the default directories.
 
-Core library calls never look these up themselves; they take explicit directories. The front ends
-(``offsite.cli``, ``offsite.demo``) and the two sides (``offsite.client``, ``offsite.server``) call
+Core library calls never look these up themselves; they take explicit directories. The front end
+(``offsite.cli``) and the two sides (``offsite.client``, ``offsite.server``) call
 the functions below to fill in what the user did not pass.
 
 ``OFFSITE_CLIENT_DIR`` (data owner)
@@ -43,3 +43,8 @@ def cache_dir() -> Path:
     """Rebuildable caches such as the demo model (``$OFFSITE_CACHE_DIR`` overrides)."""
     env = os.environ.get(CACHE_ENV)
     return Path(env) if env else Path(platformdirs.user_cache_dir("offsite"))
+
+
+def demo_cache_dir() -> Path:
+    """The demo's cache: its pretrained model owner and the reference rows' scores."""
+    return cache_dir() / "demo"

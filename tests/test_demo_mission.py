@@ -10,7 +10,7 @@ import pytest
 from tiny import make_tiny_checkpoint
 from world import training_data
 
-from offsite.demo.mission import DataOwner, Layout, Policy, Timings, audit, audit_passed, run_mission
+from offsite.cli.demo_mission import DataOwner, Layout, Policy, Timings, audit, audit_passed, run_mission
 from offsite.errors import OffsiteError
 from offsite.formats import ledger as fmt
 from offsite.prepare import PrepareOptions

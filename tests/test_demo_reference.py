@@ -79,7 +79,7 @@ def test_reference_rows_are_reused_only_for_identical_inputs(tmp_path):
 
 
 def test_the_demo_checks_can_fail():
-    from offsite.demo.run import _checks
+    from offsite.cli.demo_run import _checks
 
     def passed(zs, emu_ft, plug, full_ft):
         return [ok for _, ok, _ in _checks(zs, emu_ft, plug, full_ft)]

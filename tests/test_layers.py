@@ -18,7 +18,7 @@ import pytest
 tomllib = pytest.importorskip("tomllib")
 
 ROOT = Path(__file__).resolve().parent.parent
-SIDES_AND_FRONT_ENDS = {"client", "server", "cli", "demo"}
+SIDES_AND_FRONT_ENDS = {"client", "server", "cli"}
 
 
 def _mirror(dest: Path) -> Path:

@@ -51,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     import warnings
 
-    from offsite.demo.run import run_demo
+    from offsite.cli.demo_run import run_demo
     from offsite.formats.signing import UnverifiedBundleWarning
 
     # The owner's own bundle (unsigned on its disk) is scored in this very process for the emulator rows and

@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from offsite import state
 from offsite.demo import corpus
 from offsite.fileio import canonical_json, sha256_bytes, staged_directory
 
@@ -34,10 +33,6 @@ class PretrainRecipe:
     docs: int = 6000
     world_seed: int = 0
     init_seed: int = 1234
-
-
-def cache_root() -> Path:
-    return state.cache_dir() / "demo"
 
 
 def cache_key(recipe: PretrainRecipe) -> str:
@@ -125,8 +120,9 @@ def _write_jsonl(path: Path, rows) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
 
-def cached_demo(recipe: PretrainRecipe) -> Path | None:
-    root = cache_root() / cache_key(recipe)
+def cached_demo(recipe: PretrainRecipe, cache: Path) -> Path | None:
+    """The demo owner pretrained by ``recipe`` under the demo cache ``cache``, if complete there."""
+    root = cache / cache_key(recipe)
     return (
         root
         if (root / "model" / "config.json").is_file() and (root / "data" / "eval.jsonl").is_file()
@@ -134,9 +130,9 @@ def cached_demo(recipe: PretrainRecipe) -> Path | None:
     )
 
 
-def build_demo_owner(recipe: PretrainRecipe, on_step=None) -> Path:
-    """Pretrain the demo model and write it with the demo's data files into the cache."""
-    root = cache_root() / cache_key(recipe)
+def build_demo_owner(recipe: PretrainRecipe, cache: Path, on_step=None) -> Path:
+    """Pretrain the demo model and write it with the demo's data files into the demo cache ``cache``."""
+    root = cache / cache_key(recipe)
     world = corpus.build_world(recipe.world_seed)
     tokenizer = hf_tokenizer(world)
     model = pretrain(recipe, world, tokenizer, on_step)

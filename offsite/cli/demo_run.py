@@ -2,7 +2,7 @@
 
 The owner's state with its own PKI, a gRPC server on loopback, one data owner that enrols, fetches the
 signed bundle, trains with DP and submits, the owner plugging the accepted submission in
-(``offsite.demo.mission``); then the five-setting table, and `offsite audit ledger` on the demo's own
+(``offsite.cli.demo_mission``); then the five-setting table, and `offsite audit ledger` on the demo's own
 server state. Everything runs through the same library calls as the CLI, in a scratch directory (or
 ``--keep DIR``) with its own owner state, keys and budget history, so the demo never touches a user's
 real state.
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from offsite import state
 from offsite.cli.progress import step_bar
 from offsite.cli.ui import console, err_console, print_json, table
 
@@ -55,8 +56,8 @@ class DemoRun:
     seed: int
     keep: Path | None
     cached_model: Path | None  # the cache entry the demo model came from (None: pretrained now)
-    layout: Any  # offsite.demo.mission.Layout
-    mission: Any  # offsite.demo.mission.Mission
+    layout: Any  # offsite.cli.demo_mission.Layout
+    mission: Any  # offsite.cli.demo_mission.Mission
     report: Any  # offsite.evaluation.settings.Report, reference rows included
     refs_cached: bool
     ledger: Any  # offsite.privacy.ledger_audit.LedgerReport
@@ -85,7 +86,7 @@ def run_demo(
 ) -> int:
     """Run the demo and show it (a table and more on the terminal, or one JSON object); 0 if every
     check and the ledger audit passed, else 1."""
-    from offsite.demo.mission import Timings, check_new_work
+    from offsite.cli.demo_mission import Timings, check_new_work
 
     timings: dict[str, float] = {}
     stage = Timings(timings)
@@ -108,21 +109,20 @@ def _demo_owner(stage) -> tuple[Path, bool]:
     from offsite.demo.model import PretrainRecipe, build_demo_owner, cached_demo
 
     recipe = PretrainRecipe()
-    root = cached_demo(recipe)
+    root = cached_demo(recipe, state.demo_cache_dir())
     if root is not None:
         return root, True
     with (
         stage("pretrain the demo model (first run only)"),
         step_bar("pretraining the demo model owner (first run only)", recipe.steps) as bar,
     ):
-        return build_demo_owner(recipe, on_step=bar), False
+        return build_demo_owner(recipe, state.demo_cache_dir(), on_step=bar), False
 
 
 def _run(root: Path, quick: bool, seed: int, keep: Path | None, recompute_reference: bool, stage) -> DemoRun:
     """The mission over the wire, the evaluation, the reference rows and the ledger audit, in a scratch
     directory (removed afterwards) or ``keep``."""
-    from offsite.demo.mission import HOST, DataOwner, Layout, Policy, audit, audit_passed, run_mission
-    from offsite.demo.model import cache_root
+    from offsite.cli.demo_mission import HOST, DataOwner, Layout, Policy, audit, audit_passed, run_mission
     from offsite.demo.reference import reference_rows
     from offsite.demo.settings import CLIENT_ID, DATASET_ID, FULL, JOB_ID, QUICK, prepare_options
     from offsite.evaluation.settings import EvalInputs, evaluate_settings
@@ -168,7 +168,7 @@ def _run(root: Path, quick: bool, seed: int, keep: Path | None, recompute_refere
                 eval_file,
                 seed,
                 layout.root,
-                cache_root() / "reference",
+                state.demo_cache_dir() / "reference",
                 refresh=bool(keep) or recompute_reference,
                 on_step=bar,
             )
@@ -215,7 +215,7 @@ def _report_checks(report) -> list[tuple[str, bool, str]]:
 
 
 def _wire(run: DemoRun) -> dict:
-    from offsite.demo.mission import HOST
+    from offsite.cli.demo_mission import HOST
     from offsite.demo.settings import CLIENT_ID
 
     private = run.private
@@ -284,7 +284,7 @@ def _print(run: DemoRun) -> None:
 
 def _print_story(run: DemoRun) -> None:
     """What the private row is, what went over the wire and where the reference rows come from."""
-    from offsite.demo.mission import HOST
+    from offsite.cli.demo_mission import HOST
     from offsite.demo.settings import CLIENT_ID
 
     private, eps = run.private, run.private.receipt["epsilon"]["cumulative"]
