@@ -346,10 +346,12 @@ class OffsiteService:
                 spent=admission.spent() if admission else None,
             )
             # The files first: an accepted submission always has them (a crash before the commit leaves
-            # content-addressed blobs that no record points to, which cannot be plugged in).
+            # content-addressed blobs that no record points to, which cannot be plugged in). Copied, not
+            # moved: until the commit the upload stays whole, so a decision left undone by a conflict or a
+            # crash is made again on the same files.
             for f in record.files:
                 if not self.state.blobs.has(f.sha256):
-                    self.state.blobs.put_file(directory / f.name, f.sha256, move=True)
+                    self.state.blobs.put_file(directory / f.name, f.sha256)
             try:
                 return self.storage.decide(
                     record.submission_id,

@@ -273,33 +273,60 @@ def test_insecure_loopback_serves_health_only_and_only_on_loopback(state):
         server.stop(grace=1)
 
 
+def _received(world, s):
+    """alice's adapter uploaded in full through the service (no server) and marked received."""
+    from offsite.formats import submission as envelope_format
+    from offsite.server.auth import Caller
+    from offsite.server.service import OffsiteService, WriteMessage
+
+    service = OffsiteService(s)
+    creds = world.credentials("alice")
+    files = envelope_format.files_of(world.adapter)
+    envelope = envelope_format.make_envelope("j1", "alice", files)
+    caller = Caller("alice", "pin", creds.signing_key.public_key())
+    record = service.begin_submission(
+        caller, envelope, envelope_format.sign_envelope(envelope, creds.signing_key)
+    )
+    data = b"".join((world.adapter / f["name"]).read_bytes() for f in files)
+
+    class _Call:
+        pass
+
+    call = _Call()
+    call.caller = caller
+    committed, decided = service.write_submission(
+        call, iter([WriteMessage(record.submission_id, 0, data, hashlib.sha256(data).hexdigest(), False)])
+    )
+    assert committed == len(data) and decided is None
+    s.storage.mark_received(record.submission_id)
+    return service, record
+
+
+def test_a_decision_undone_by_ledger_conflicts_is_made_again_on_the_same_files(world, state, monkeypatch):
+    """Every attempt to commit loses to a concurrent ledger change: the submission stays received with its
+    files whole, and the next decision (the client's retry, or the next start) accepts it."""
+    from offsite.server.errors import LedgerConflictError
+
+    with OwnerState(state) as s:
+        service, record = _received(world, s)
+        real_decide = s.storage.decide
+
+        def conflicting(*args, **kwargs):
+            raise LedgerConflictError("the ledger moved on (test)")
+
+        monkeypatch.setattr(s.storage, "decide", conflicting)
+        with pytest.raises(LedgerConflictError):
+            service.decide(record.submission_id)
+        assert s.storage.get_submission(record.submission_id).state == SubmissionState.RECEIVED
+        monkeypatch.setattr(s.storage, "decide", real_decide)
+        assert service.decide(record.submission_id).state == SubmissionState.ACCEPTED
+        assert record.submission_id not in s.uploads.present()
+
+
 def test_received_submission_is_decided_after_a_crash(world, state):
     """A crash after every byte was durable but before the checks ran: the restart decides it."""
     with OwnerState(state) as s:
-        from offsite.formats import submission as envelope_format
-        from offsite.server.auth import Caller
-        from offsite.server.service import OffsiteService, WriteMessage
-
-        service = OffsiteService(s)
-        creds = world.credentials("alice")
-        files = envelope_format.files_of(world.adapter)
-        envelope = envelope_format.make_envelope("j1", "alice", files)
-        caller = Caller("alice", "pin", creds.signing_key.public_key())
-        record = service.begin_submission(
-            caller, envelope, envelope_format.sign_envelope(envelope, creds.signing_key)
-        )
-        data = b"".join((world.adapter / f["name"]).read_bytes() for f in files)
-
-        class _Call:
-            pass
-
-        call = _Call()
-        call.caller = caller
-        committed, decided = service.write_submission(
-            call, iter([WriteMessage(record.submission_id, 0, data, hashlib.sha256(data).hexdigest(), False)])
-        )
-        assert committed == len(data) and decided is None
-        s.storage.mark_received(record.submission_id)  # ... and the process dies before deciding
+        _, record = _received(world, s)  # ... and the process dies before deciding
     from offsite.server.app import OffsiteServer
 
     server = OffsiteServer(state, "127.0.0.1", 0)
