@@ -52,14 +52,13 @@ from offsite.wire.v1 import offsite_pb2 as pb
 Progress = Callable[[str, int], Callable[[int], None]]
 _SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 
+#: The wire's submission states by the names the server's storage uses ("unknown" for a state this
+#: client's protocol version does not know).
 STATE_NAMES = {
-    pb.SUBMISSION_STATE_UNSPECIFIED: "unknown",
-    pb.SUBMISSION_STATE_UPLOADING: "uploading",
-    pb.SUBMISSION_STATE_RECEIVED: "received",
-    pb.SUBMISSION_STATE_REJECTED: "rejected",
-    pb.SUBMISSION_STATE_ACCEPTED: "accepted",
-    pb.SUBMISSION_STATE_PLUGGED: "plugged",
-    pb.SUBMISSION_STATE_EXPIRED: "expired",
+    value: "unknown"
+    if value == pb.SUBMISSION_STATE_UNSPECIFIED
+    else name.removeprefix("SUBMISSION_STATE_").lower()
+    for name, value in pb.SubmissionState.items()
 }
 
 

@@ -34,7 +34,6 @@ from offsite.server.storage.blobs import BlobStore, UploadArea
 from offsite.server.storage.sqlite import SQLiteStorage
 
 DEFAULT_PORT = 50051
-DB_FILE = STATE_DB_FILE
 
 
 @dataclass(frozen=True)
@@ -75,7 +74,7 @@ class OwnerPaths:
 
     @property
     def db(self) -> Path:
-        return self.root / DB_FILE
+        return self.root / STATE_DB_FILE
 
     @property
     def blobs(self) -> Path:

@@ -240,7 +240,3 @@ class UploadWriter:
             if self._handle is not None:
                 self._handle.close()
         self._handle = None
-
-    @property
-    def complete(self) -> bool:
-        return self.position == self.total

@@ -215,3 +215,9 @@ def test_the_teacher_can_be_spread_over_memory_and_disk(tmp_path):
         tmp_path / "b2" / "emulator" / "model.safetensors"
     ).read_bytes()
     assert not any(p.name == ".distill-scratch" for p in (tmp_path / "b2").rglob("*"))  # offload removed
+
+
+def test_the_command_lines_frozen_dtypes_are_the_devices():
+    from offsite.cli.placement import FROZEN_DTYPES as on_the_command_line
+
+    assert on_the_command_line == tuple(device.FROZEN_DTYPES)

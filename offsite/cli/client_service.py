@@ -415,10 +415,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _runs(view) -> list[dict]:
+    from offsite.privacy.accounting import MECHANISM
+
     return [
         {
             "run_id": r.run_id,
-            "mechanism": "poisson-subsampled-gaussian",
+            "mechanism": MECHANISM,
             "noise_multiplier": r.noise_multiplier,
             "sample_rate": r.sample_rate,
             "steps": r.steps,

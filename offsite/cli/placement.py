@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 from offsite.cli.ui import err_console
 
+#: The keys of offsite.device.FROZEN_DTYPES, spelled out so that --help needs no torch (a test keeps them equal).
 FROZEN_DTYPES = ("fp32", "bf16", "fp16")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:([kmgt])(i)?)?b?\s*$", re.IGNORECASE)
 

@@ -21,27 +21,17 @@ from pathlib import Path
 from typing import BinaryIO
 
 from offsite.errors import IntegrityError
-from offsite.fileio import fsync_directory
+from offsite.fileio import fsync_directory, sha256_file
 from offsite.server.errors import NotFoundError
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _TMP = ".tmp-"
-_READ = 1 << 20
 
 
 def _check_digest(sha256: str) -> str:
     if not isinstance(sha256, str) or not _HEX64.fullmatch(sha256):
         raise NotFoundError(f"{sha256!r} is not a sha256 (64 lowercase hex digits)")
     return sha256
-
-
-def hash_file(path: Path) -> tuple[str, int]:
-    h, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_READ):
-            h.update(chunk)
-            size += len(chunk)
-    return h.hexdigest(), size
 
 
 def fsync_file(path: Path) -> None:
@@ -106,7 +96,7 @@ class BlobStore:
                 os.replace(src, tmp)
             else:
                 shutil.copyfile(src, tmp)
-            actual, _ = hash_file(tmp)
+            actual = sha256_file(tmp)
             if actual != sha256:
                 raise IntegrityError(f"{src}: sha256 {actual[:12]}… is not the expected {sha256[:12]}…")
             return self._place(tmp, sha256)
@@ -130,7 +120,7 @@ class BlobStore:
 
 
 class UploadArea:
-    """Partial uploads: ``UPLOADS/<submission id>/<index>.part``, one file per declared file."""
+    """Partial uploads: ``UPLOADS/<submission id>/<name>``, one file per file the envelope declares."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
@@ -140,9 +130,6 @@ class UploadArea:
         if not re.fullmatch(r"[0-9a-f]{32}", submission_id):
             raise NotFoundError(f"malformed submission id {submission_id!r}")
         return self.root / submission_id
-
-    def part(self, submission_id: str, index: int) -> Path:
-        return self.directory(submission_id) / f"{index}.part"
 
     def remove(self, submission_id: str) -> None:
         shutil.rmtree(self.directory(submission_id), ignore_errors=True)
